@@ -1,0 +1,36 @@
+"""pytei: emulated hardware-error injection for deep recommendation models on PyTorch.
+
+Data flow: ``bits`` (dtype layouts) -> ``errors`` (error models) -> ``targets`` (which tensors) ->
+``injector`` (apply / restore) -> models and data -> metrics -> mitigation -> campaign -> report.
+"""
+
+from .bits import BitLayout, layout, supported_dtypes
+from .errors import BitFlip, BitRates, Burst, ErrorModel, Faults, FlipCount, RandomValue, StuckAt, Words
+from .faultmap import FaultMap
+from .injector import InjectionReport, Injector, inject
+from .targets import COMPONENTS, components, describe, select
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BitFlip",
+    "BitLayout",
+    "BitRates",
+    "Burst",
+    "COMPONENTS",
+    "ErrorModel",
+    "FaultMap",
+    "Faults",
+    "FlipCount",
+    "InjectionReport",
+    "Injector",
+    "RandomValue",
+    "StuckAt",
+    "Words",
+    "components",
+    "describe",
+    "inject",
+    "layout",
+    "select",
+    "supported_dtypes",
+]

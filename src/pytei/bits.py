@@ -1,0 +1,128 @@
+"""Bit layouts of the dtypes models are stored in, and pure functions over bit masks.
+
+Bit 0 is the least significant bit. Every tensor is manipulated through a *signed* integer view
+of the same width (uint8 through int8), so that one set of masks serves all dtypes. Masks are
+carried as int64 holding the sign-extended value of the view's width: for a 32-bit word, bit 31
+is ``-2**31``. Because distinct bits never carry into each other, the sum of distinct single-bit
+masks equals their bitwise OR, and every mask casts to the view dtype exactly.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+__all__ = [
+    "BitLayout",
+    "layout",
+    "supported_dtypes",
+    "bit_values",
+    "field_masks",
+    "bit_histogram",
+    "popcount",
+    "int_view",
+]
+
+
+@dataclass(frozen=True)
+class BitLayout:
+    """Width and field positions of one dtype (bit 0 = least significant)."""
+
+    dtype: torch.dtype
+    width: int
+    view_dtype: torch.dtype
+    is_float: bool
+    sign: tuple[int, ...]
+    exponent: tuple[int, ...]
+    mantissa: tuple[int, ...]
+
+    @property
+    def fields(self) -> dict[str, tuple[int, ...]]:
+        """Named bit fields: sign/exponent/mantissa for floats, sign/value for integers."""
+        if self.is_float:
+            return {"sign": self.sign, "exponent": self.exponent, "mantissa": self.mantissa}
+        if self.sign:
+            return {"sign": self.sign, "value": tuple(range(self.width - 1))}
+        return {"value": tuple(range(self.width))}
+
+
+def _float(dtype: torch.dtype, view: torch.dtype, width: int, exp_bits: int) -> BitLayout:
+    man = width - 1 - exp_bits
+    return BitLayout(
+        dtype=dtype,
+        width=width,
+        view_dtype=view,
+        is_float=True,
+        sign=(width - 1,),
+        exponent=tuple(range(man, width - 1)),
+        mantissa=tuple(range(man)),
+    )
+
+
+def _int(dtype: torch.dtype, view: torch.dtype, width: int, signed: bool) -> BitLayout:
+    return BitLayout(
+        dtype=dtype,
+        width=width,
+        view_dtype=view,
+        is_float=False,
+        sign=(width - 1,) if signed else (),
+        exponent=(),
+        mantissa=(),
+    )
+
+
+_LAYOUTS: dict[torch.dtype, BitLayout] = {
+    torch.float64: _float(torch.float64, torch.int64, 64, 11),
+    torch.float32: _float(torch.float32, torch.int32, 32, 8),
+    torch.float16: _float(torch.float16, torch.int16, 16, 5),
+    torch.bfloat16: _float(torch.bfloat16, torch.int16, 16, 8),
+    torch.int64: _int(torch.int64, torch.int64, 64, True),
+    torch.int32: _int(torch.int32, torch.int32, 32, True),
+    torch.int16: _int(torch.int16, torch.int16, 16, True),
+    torch.int8: _int(torch.int8, torch.int8, 8, True),
+    torch.uint8: _int(torch.uint8, torch.int8, 8, False),
+}
+
+
+def supported_dtypes() -> tuple[torch.dtype, ...]:
+    """The dtypes pytei can inject errors into."""
+    return tuple(_LAYOUTS)
+
+
+def layout(dtype: torch.dtype) -> BitLayout:
+    """The bit layout of ``dtype``; a clear ``TypeError`` for anything unsupported."""
+    try:
+        return _LAYOUTS[dtype]
+    except KeyError:
+        allowed = ", ".join(str(d).removeprefix("torch.") for d in _LAYOUTS)
+        raise TypeError(f"unsupported dtype {dtype} for bit-level errors; allowed: {allowed}") from None
+
+
+def int_view(t: torch.Tensor) -> torch.Tensor:
+    """A same-width signed integer view of ``t``'s storage (writes go to ``t``)."""
+    return t.view(layout(t.dtype).view_dtype)
+
+
+def bit_values(width: int) -> torch.Tensor:
+    """int64 tensor whose entry b is the sign-extended mask of bit b in a ``width``-bit word."""
+    vals = [1 << b for b in range(width - 1)] + [-(1 << (width - 1))]
+    return torch.tensor(vals, dtype=torch.int64)
+
+
+def field_masks(lay: BitLayout) -> dict[str, int]:
+    """Sign-extended int64 mask of each named field of ``lay``."""
+    vals = bit_values(lay.width).tolist()
+    return {name: sum(vals[b] for b in bits) for name, bits in lay.fields.items()}
+
+
+def bit_histogram(masks: torch.Tensor, width: int) -> torch.Tensor:
+    """Count of set bits at each position 0..width-1 over int64 ``masks``."""
+    masks = masks.to(torch.int64)
+    counts = [int(((masks >> b) & 1).sum()) for b in range(width)] if masks.numel() else [0] * width
+    return torch.tensor(counts, dtype=torch.int64)
+
+
+def popcount(masks: torch.Tensor, width: int) -> int:
+    """Total number of set bits in int64 ``masks`` of ``width``-bit words."""
+    return int(bit_histogram(masks, width).sum())

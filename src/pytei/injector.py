@@ -1,0 +1,244 @@
+"""Put errors into a model's tensors and take them out again, bit-exactly, in O(faults).
+
+Faults are XOR-ed into the existing storage through same-width integer views, so Parameter
+objects (and optimizers or hooks that hold them) are untouched. The original words at every
+changed index are kept; restore writes them back. A trial is atomic with respect to Ctrl-C:
+SIGINT is held while faults go in or come out, and any exception while applying undoes what was
+applied, so a model is never left half-corrupted.
+"""
+
+from __future__ import annotations
+
+import secrets
+import signal
+import threading
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from functools import cached_property
+
+import torch
+from torch import nn
+
+from .bits import BitLayout, bit_histogram, field_masks, int_view, layout
+from .errors import ErrorModel, Words
+from .faultmap import FaultMap
+from .targets import Site, select
+
+__all__ = ["Injector", "InjectionReport", "inject"]
+
+
+@contextmanager
+def _hold_sigint() -> Iterator[None]:
+    """Delay Ctrl-C until the block is done (main thread only), then raise it."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    pending: list[int] = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: pending.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if pending:
+        raise KeyboardInterrupt
+
+
+class _Storage:
+    """Flat word-level reads and writes of one tensor, contiguous or not."""
+
+    def __init__(self, tensor: torch.Tensor) -> None:
+        self.view = int_view(tensor.detach())
+        self.device = tensor.device
+        self.flat = self.view.view(-1) if self.view.is_contiguous() else None
+
+    def _where(self, index: torch.Tensor):
+        index = index.to(self.device)
+        return index if self.flat is not None else torch.unravel_index(index, self.view.shape)
+
+    def read(self, index: torch.Tensor) -> torch.Tensor:
+        where = self._where(index)
+        return self.flat[where] if self.flat is not None else self.view[where]
+
+    def write(self, index: torch.Tensor, values: torch.Tensor) -> None:
+        where = self._where(index)
+        if self.flat is not None:
+            self.flat[where] = values
+        else:
+            self.view[where] = values
+
+
+@dataclass
+class InjectionReport:
+    """What one injection did. Counts are computed on first use from the sparse fault map."""
+
+    seed: int
+    error: dict
+    fault_map: FaultMap
+    components: dict[str, str]
+    targeted_values: int
+    layouts: dict[str, BitLayout] = field(repr=False)
+
+    @property
+    def targeted_bits(self) -> int:
+        """Number of bits exposed to errors (all bits of the targeted tensors)."""
+        return sum(self.fault_map.numels[n] * lay.width for n, lay in self.layouts.items())
+
+    @cached_property
+    def per_parameter(self) -> dict[str, int]:
+        """Bits changed in each targeted tensor (0 included)."""
+        return {
+            n: int(bit_histogram(self.fault_map.faults[n].mask, lay.width).sum())
+            if n in self.fault_map.faults
+            else 0
+            for n, lay in self.layouts.items()
+        }
+
+    @property
+    def n_faults(self) -> int:
+        """Total bits changed."""
+        return sum(self.per_parameter.values())
+
+    @property
+    def n_values(self) -> int:
+        """Number of values (words) with at least one changed bit."""
+        return sum(len(f) for f in self.fault_map.faults.values())
+
+    @cached_property
+    def per_field(self) -> dict[str, int]:
+        """Bits changed per field: sign/exponent/mantissa for floats (value for integers)."""
+        out: dict[str, int] = {}
+        for n, f in self.fault_map.faults.items():
+            lay = self.layouts[n]
+            for name, mask in field_masks(lay).items():
+                out[name] = out.get(name, 0) + int(bit_histogram(f.mask & mask, lay.width).sum())
+        return out
+
+    @property
+    def per_component(self) -> dict[str, int]:
+        """Bits changed per component (embedding, mlp, ...)."""
+        out: dict[str, int] = {}
+        for n, count in self.per_parameter.items():
+            out[self.components[n]] = out.get(self.components[n], 0) + count
+        return out
+
+    def per_bit(self, name: str) -> torch.Tensor:
+        """Changed-bit count at each bit position of tensor ``name``."""
+        lay = self.layouts[name]
+        f = self.fault_map.faults.get(name)
+        return (
+            bit_histogram(f.mask, lay.width) if f is not None else torch.zeros(lay.width, dtype=torch.int64)
+        )
+
+
+class Injector:
+    """Reusable description of an injection; ``apply`` corrupts a model, ``restore`` undoes it.
+
+    ``error`` is an :class:`~pytei.errors.ErrorModel` (or a :class:`~pytei.faultmap.FaultMap` to
+    replay). ``target``, ``params``, ``include``, ``exclude`` and ``buffers`` select tensors as in
+    :func:`pytei.targets.select`. ``seed`` makes the faults reproducible; with ``None`` a fresh
+    seed is drawn and recorded in the report.
+    """
+
+    def __init__(
+        self,
+        error: ErrorModel,
+        *,
+        target: str | Sequence[str] = "all",
+        params: str = "all",
+        include: str | Sequence[str] | None = None,
+        exclude: str | Sequence[str] | None = None,
+        buffers: bool = False,
+        seed: int | None = None,
+    ) -> None:
+        if not isinstance(error, ErrorModel):
+            raise TypeError(f"error must be a pytei ErrorModel (e.g. BitFlip(ber=1e-6)), got {error!r}")
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+            raise TypeError(f"seed must be an int or None, got {seed!r}")
+        self.error = error
+        self.selection = dict(target=target, params=params, include=include, exclude=exclude, buffers=buffers)
+        self.seed = seed
+        self._applied: list[tuple[_Storage, torch.Tensor, torch.Tensor]] = []
+        self._active = False
+
+    @property
+    def active(self) -> bool:
+        """Whether faults are currently in a model."""
+        return self._active
+
+    def sites(self, model: nn.Module) -> list[Site]:
+        """The tensors this injector would corrupt in ``model``."""
+        return select(model, **self.selection)
+
+    def apply(self, model: nn.Module) -> InjectionReport:
+        """Corrupt ``model`` in place and return what was done."""
+        if self._active:
+            raise RuntimeError("this injector is already applied; call restore() first")
+        sites = self.sites(model)
+        seed = self.seed if self.seed is not None else secrets.randbits(62)
+        storages = [_Storage(s.tensor) for s in sites]
+        layouts = {s.name: layout(s.tensor.dtype) for s in sites}
+        words = [
+            Words(
+                s.name,
+                s.tensor.numel(),
+                layouts[s.name],
+                lambda idx, st=st: st.read(idx).to(torch.int64).cpu(),
+            )
+            for s, st in zip(sites, storages, strict=True)
+        ]
+        try:  # a Ctrl-C held until the faults are in aborts the trial: undo, then raise it
+            with torch.no_grad(), _hold_sigint():
+                drawn = self.error.draw(words, seed)
+                for st, f, lay in zip(storages, drawn, layouts.values(), strict=True):
+                    if len(f):
+                        index = f.index.to(st.device)
+                        old = st.read(index)
+                        st.write(index, old ^ f.mask.to(device=st.device, dtype=lay.view_dtype))
+                        self._applied.append((st, index, old))
+        except BaseException:
+            self._undo()
+            raise
+        self._active = True
+        kept = {s.name: f for s, f in zip(sites, drawn, strict=True) if len(f)}
+        fault_map = FaultMap(
+            kept,
+            {s.name: s.tensor.dtype for s in sites},
+            {s.name: s.tensor.numel() for s in sites},
+            {"seed": seed, "error": self.error.spec},
+        )
+        return InjectionReport(
+            seed=seed,
+            error=self.error.spec,
+            fault_map=fault_map,
+            components={s.name: s.component for s in sites},
+            targeted_values=sum(s.tensor.numel() for s in sites),
+            layouts=layouts,
+        )
+
+    def _undo(self) -> None:
+        with torch.no_grad():
+            while self._applied:
+                st, index, old = self._applied.pop()
+                st.write(index, old)
+
+    def restore(self) -> None:
+        """Write back every changed word; the model is then bit-identical to before ``apply``."""
+        with _hold_sigint():
+            self._undo()
+            self._active = False
+
+
+@contextmanager
+def inject(model: nn.Module, error: ErrorModel, **options) -> Iterator[InjectionReport]:
+    """Run the block with ``error`` injected into ``model``; restore on exit, whatever happens.
+
+    >>> with pytei.inject(model, BitFlip(ber=1e-6), target="mlp", params="weight", seed=0) as report:
+    ...     out = model(x)
+    """
+    injector = Injector(error, **options)
+    report = injector.apply(model)
+    try:
+        yield report
+    finally:
+        injector.restore()

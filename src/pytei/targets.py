@@ -1,0 +1,221 @@
+"""Which tensors of a model get errors: selection by component, kind and name.
+
+A parameter's component comes from the nearest module on its path (its own module first) that
+carries a ``pytei_component`` attribute; models declare their parts that way, and a user can tag
+any module of any model the same way (``model.head.pytei_component = "mlp"``). Untagged
+parameters are classified by module type (embeddings, attention, linear/conv layers) and,
+failing that, by the one component their enclosing block holds (a BatchNorm inside an MLP is
+part of the MLP).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import io
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .bits import layout
+
+__all__ = ["COMPONENTS", "PARAM_KINDS", "Site", "Description", "components", "select", "describe"]
+
+#: Components a parameter can belong to.
+COMPONENTS = ("embedding", "mlp", "attention", "interaction", "linear", "other")
+#: Values of ``params``.
+PARAM_KINDS = ("weight", "bias", "all")
+
+_TYPE_COMPONENTS: tuple[tuple[type[nn.Module], str], ...] = (
+    (nn.Embedding, "embedding"),
+    (nn.EmbeddingBag, "embedding"),
+    (nn.MultiheadAttention, "attention"),
+    (nn.Linear, "mlp"),
+    (nn.Bilinear, "mlp"),
+    (nn.modules.conv._ConvNd, "mlp"),
+)
+
+
+@dataclass(frozen=True)
+class Site:
+    """One selected tensor: its dotted name, the tensor itself, its component and kind."""
+
+    name: str
+    tensor: torch.Tensor
+    component: str
+    kind: str
+
+
+def _kind(name: str) -> str:
+    leaf = name.rsplit(".", 1)[-1]
+    return "bias" if leaf == "bias" or leaf.endswith("_bias") else "weight"
+
+
+def _tagged(model: nn.Module, name: str) -> str | None:
+    """The ``pytei_component`` of the nearest module on ``name``'s path, if any."""
+    parts = name.split(".")[:-1]
+    chain = [model]
+    for part in parts:
+        chain.append(getattr(chain[-1], part))
+    for module in reversed(chain):
+        tag = getattr(module, "pytei_component", None)
+        if tag is not None:
+            if tag not in COMPONENTS:
+                raise ValueError(
+                    f"module {type(module).__name__} declares pytei_component={tag!r}; allowed: {COMPONENTS}"
+                )
+            return tag
+    owner = chain[-1]
+    for cls, comp in _TYPE_COMPONENTS:
+        if isinstance(owner, cls):
+            return comp
+    return None
+
+
+def _named_tensors(model: nn.Module, buffers: bool) -> list[tuple[str, torch.Tensor]]:
+    named = list(model.named_parameters())
+    if buffers:
+        named += [(n, b) for n, b in model.named_buffers() if b is not None]
+    return named
+
+
+def components(model: nn.Module, *, buffers: bool = False) -> dict[str, str]:
+    """Component of every parameter (and buffer, if asked) of ``model``, by dotted name."""
+    named = _named_tensors(model, buffers)
+    found = {n: _tagged(model, n) for n, _ in named}
+    out: dict[str, str] = {}
+    for name, comp in found.items():
+        if comp is None:
+            comp = "other"
+            parts = name.split(".")[:-1]
+            for depth in range(len(parts), 0, -1):
+                prefix = ".".join(parts[:depth]) + "."
+                inside = {c for n, c in found.items() if c is not None and n.startswith(prefix)}
+                if len(inside) == 1:
+                    comp = inside.pop()
+                    break
+                if inside:
+                    break
+        out[name] = comp
+    return out
+
+
+def _as_list(value: str | Iterable[str] | None, what: str) -> list[str]:
+    if value is None:
+        return []
+    items = [value] if isinstance(value, str) else list(value)
+    for item in items:
+        if not isinstance(item, str) or not item:
+            raise ValueError(f"{what} must be non-empty strings, got {item!r}")
+    return items
+
+
+def select(
+    model: nn.Module,
+    target: str | Sequence[str] = "all",
+    params: str = "all",
+    include: str | Sequence[str] | None = None,
+    exclude: str | Sequence[str] | None = None,
+    *,
+    buffers: bool = False,
+) -> list[Site]:
+    """The tensors of ``model`` that errors go into.
+
+    ``target``: a component (see ``COMPONENTS``), a list of them, or ``"all"``. ``params``:
+    ``"weight"``, ``"bias"`` or ``"all"``. ``include``/``exclude``: glob patterns over dotted names
+    (``"top_mlp.*"``); each must match some tensor. ``buffers`` adds buffers (e.g. int8 tables).
+    """
+    comps = components(model, buffers=buffers)
+    targets = _as_list(target, "target")
+    if not targets:
+        raise ValueError("target must name at least one component")
+    for t in targets:
+        if t != "all" and t not in COMPONENTS:
+            raise ValueError(f"unknown target component {t!r}; allowed: {', '.join(('all',) + COMPONENTS)}")
+        if t != "all" and t not in comps.values():
+            present = sorted(set(comps.values()))
+            raise ValueError(
+                f"target {t!r} matches no parameter of {type(model).__name__}; its components are {present}"
+            )
+    if params not in PARAM_KINDS:
+        raise ValueError(f"unknown params {params!r}; allowed: {', '.join(PARAM_KINDS)}")
+    inc, exc = _as_list(include, "include patterns"), _as_list(exclude, "exclude patterns")
+    for pattern in inc + exc:
+        if not any(fnmatch.fnmatchcase(n, pattern) for n in comps):
+            sample = ", ".join(list(comps)[:8]) + (", ..." if len(comps) > 8 else "")
+            raise ValueError(f"pattern {pattern!r} matches no parameter of {type(model).__name__} ({sample})")
+
+    sites = []
+    for name, tensor in _named_tensors(model, buffers):
+        comp, kind = comps[name], _kind(name)
+        if "all" not in targets and comp not in targets:
+            continue
+        if params != "all" and kind != params:
+            continue
+        if inc and not any(fnmatch.fnmatchcase(name, p) for p in inc):
+            continue
+        if any(fnmatch.fnmatchcase(name, p) for p in exc):
+            continue
+        sites.append(Site(name, tensor, comp, kind))
+    if not sites:
+        raise ValueError(
+            f"the selection target={targets}, params={params!r}, include={inc}, exclude={exc} "
+            f"matches no parameter of {type(model).__name__}"
+        )
+    for site in sites:
+        if site.tensor.is_meta or site.tensor.layout != torch.strided:
+            raise TypeError(f"{site.name}: only dense tensors with storage can take bit errors")
+        try:
+            layout(site.tensor.dtype)
+        except TypeError as err:
+            raise TypeError(f"{site.name}: {err}") from None
+    return sites
+
+
+@dataclass(frozen=True)
+class _Row:
+    name: str
+    component: str
+    kind: str
+    dtype: str
+    shape: tuple[int, ...]
+    numel: int
+
+
+class Description(list):
+    """Rows of ``describe``; prints as a table."""
+
+    def __rich__(self):
+        from rich.table import Table
+
+        table = Table(title=f"{len(self)} tensors, {sum(r.numel for r in self):,} values")
+        for col in ("name", "component", "kind", "dtype", "shape", "numel"):
+            table.add_column(col, justify="right" if col == "numel" else "left")
+        for r in self:
+            table.add_row(r.name, r.component, r.kind, r.dtype, "x".join(map(str, r.shape)), f"{r.numel:,}")
+        return table
+
+    def __str__(self) -> str:
+        from rich.console import Console
+
+        console = Console(width=120, file=io.StringIO())
+        with console.capture() as captured:
+            console.print(self)
+        return captured.get()
+
+    def totals(self) -> dict[str, int]:
+        """Number of values per component."""
+        out: dict[str, int] = {}
+        for r in self:
+            out[r.component] = out.get(r.component, 0) + r.numel
+        return out
+
+
+def describe(model: nn.Module, *, buffers: bool = False) -> Description:
+    """One row per parameter (name, component, kind, dtype, shape, numel)."""
+    comps = components(model, buffers=buffers)
+    return Description(
+        _Row(n, comps[n], _kind(n), str(t.dtype).removeprefix("torch."), tuple(t.shape), t.numel())
+        for n, t in _named_tensors(model, buffers)
+    )

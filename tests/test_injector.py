@@ -1,0 +1,225 @@
+"""Injection and bit-exact restore: in place, O(faults), safe under exceptions and Ctrl-C."""
+
+import os
+import signal
+
+import pytest
+import torch
+from torch import nn
+
+import pytei
+from conftest import assert_bit_identical, snapshot
+from pytei import BitFlip, FaultMap, FlipCount, RandomValue, StuckAt
+from pytei.bits import int_view
+from pytei.injector import Injector, _Storage
+
+
+def run(model):
+    x = torch.randn(4, 4, generator=torch.Generator().manual_seed(0))
+    idx = torch.randint(0, 500, (4, 3), generator=torch.Generator().manual_seed(0))
+    return model(x, idx)
+
+
+def test_inject_changes_then_restores_exactly(tiny):
+    snap = snapshot(tiny)
+    clean = run(tiny)
+    with pytei.inject(tiny, BitFlip(1e-2), target="mlp", params="weight", seed=0) as report:
+        assert report.n_faults > 0
+        assert not torch.equal(run(tiny), clean)
+        assert set(report.per_parameter) == {
+            "bottom.0.weight",
+            "bottom.1.weight",
+            "top.0.weight",
+            "top.2.weight",
+        }
+        assert sum(report.per_field.values()) == report.n_faults
+        assert report.per_component == {"mlp": report.n_faults}
+    assert_bit_identical(tiny, snap)
+    assert torch.equal(run(tiny), clean)
+
+
+def test_parameters_keep_their_identity(tiny):
+    before = {n: (p, p.data_ptr()) for n, p in tiny.named_parameters()}
+    opt = torch.optim.SGD(tiny.parameters(), lr=0.1)
+    with pytei.inject(tiny, BitFlip(1e-2), seed=1):
+        for n, p in tiny.named_parameters():
+            assert p is before[n][0] and p.data_ptr() == before[n][1]
+    assert opt.param_groups[0]["params"][0] is tiny.emb.weight
+
+
+@pytest.mark.parametrize("exc", [RuntimeError, KeyboardInterrupt])
+def test_restore_after_exception_in_block(tiny, exc):
+    snap = snapshot(tiny)
+    with pytest.raises(exc), pytei.inject(tiny, BitFlip(0.05), seed=2):
+        raise exc()
+    assert_bit_identical(tiny, snap)
+
+
+def test_ctrl_c_during_injection_leaves_model_clean(tiny):
+    snap = snapshot(tiny)
+    original = _Storage.write
+    calls = []
+
+    def write_then_interrupt(self, index, values):
+        original(self, index, values)
+        calls.append(1)
+        if len(calls) == 2:
+            os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C arrives half-way through the trial
+
+    _Storage.write = write_then_interrupt
+    try:
+        with pytest.raises(KeyboardInterrupt), pytei.inject(tiny, BitFlip(0.05), seed=3):
+            pytest.fail("the block must not run: the interrupt is raised once faults are in")
+    finally:
+        _Storage.write = original
+    assert_bit_identical(tiny, snap)
+
+
+def test_failure_while_applying_rolls_back(tiny):
+    snap = snapshot(tiny)
+    original = _Storage.write
+    calls = []
+
+    def flaky(self, index, values):
+        calls.append(1)
+        if len(calls) == 3:
+            raise RuntimeError("device lost")
+        original(self, index, values)
+
+    _Storage.write = flaky
+    try:
+        with pytest.raises(RuntimeError, match="device lost"):
+            Injector(BitFlip(0.05), seed=4).apply(tiny)
+    finally:
+        _Storage.write = original
+    assert_bit_identical(tiny, snap)
+
+
+@pytest.mark.parametrize(
+    "dtype",
+    [
+        torch.float32,
+        torch.float64,
+        torch.float16,
+        torch.bfloat16,
+        torch.int8,
+        torch.uint8,
+        torch.int16,
+        torch.int32,
+        torch.int64,
+    ],
+)
+@pytest.mark.parametrize("error", [BitFlip(0.3), StuckAt(0.2, 1), RandomValue(0.5, 0, 3), FlipCount(100)])
+def test_every_dtype_and_error_model_restores(dtype, error):
+    m = nn.Module()
+    m.w = nn.Parameter(torch.randint(-100, 100, (64, 33)).to(dtype), requires_grad=dtype.is_floating_point)
+    snap = snapshot(m)
+    with pytei.inject(m, error, seed=5) as report:
+        assert report.n_faults > 0
+        assert not torch.equal(int_view(m.w.detach()), snap["w"])
+    assert_bit_identical(m, snap)
+
+
+def test_non_contiguous_parameter():
+    m = nn.Module()
+    base = torch.randn(50, 40)
+    m.w = nn.Parameter(base.t())  # a transposed, non-contiguous view
+    assert not m.w.is_contiguous()
+    snap = snapshot(m)
+    expected = -base.t().clone()  # the Parameter shares base's storage, so copy before injecting
+    with pytei.inject(m, BitFlip(1.0, bits=[31]), seed=0):
+        assert torch.equal(m.w.detach(), expected)  # every sign flipped, in the right places
+    assert_bit_identical(m, snap)
+
+
+def test_seed_reproducibility_and_nesting(tiny):
+    with pytei.inject(tiny, BitFlip(1e-2), seed=9) as a:
+        pass
+    with pytei.inject(tiny, BitFlip(1e-2), seed=9) as b:
+        pass
+    with pytei.inject(tiny, BitFlip(1e-2), seed=10) as c:
+        pass
+    with pytei.inject(tiny, BitFlip(1e-2), target="mlp", seed=9) as sub:
+        pass
+    assert a.per_parameter == b.per_parameter and a.per_parameter != c.per_parameter
+    for name, f in sub.fault_map.faults.items():  # same seed: the MLP faults are those of "all"
+        assert torch.equal(f.index, a.fault_map.faults[name].index)
+        assert torch.equal(f.mask, a.fault_map.faults[name].mask)
+
+
+def test_seed_none_is_recorded_and_replayable(tiny):
+    with pytei.inject(tiny, BitFlip(1e-2)) as a:
+        pass
+    with pytei.inject(tiny, BitFlip(1e-2), seed=a.seed) as b:
+        pass
+    assert isinstance(a.seed, int) and a.per_parameter == b.per_parameter
+
+
+def test_fault_map_save_load_replay(tiny, tmp_path):
+    snap = snapshot(tiny)
+    with pytei.inject(tiny, StuckAt(0.01, 1), seed=11) as report:
+        corrupted = snapshot(tiny)
+    path = tmp_path / "trial.safetensors"
+    report.fault_map.save(path)
+    loaded = FaultMap.load(path)
+    assert loaded.meta["seed"] == 11 and loaded.meta["error"]["model"] == "StuckAt"
+    with pytei.inject(tiny, loaded) as replay:
+        assert_bit_identical(tiny, corrupted)
+        assert replay.n_faults == report.n_faults
+    assert_bit_identical(tiny, snap)
+
+
+def test_fault_map_errors(tiny, tmp_path):
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(b"not a safetensors file")
+    with pytest.raises(ValueError, match="is not a pytei fault map"):
+        FaultMap.load(bad)
+    with pytest.raises(FileNotFoundError, match="no fault map at"):
+        FaultMap.load(tmp_path / "missing.safetensors")
+    with pytei.inject(tiny, BitFlip(0.01), seed=0) as report:
+        pass
+    with pytest.raises(ValueError, match="outside the selection"):
+        pytei.inject(tiny, report.fault_map, target="embedding").__enter__()
+
+
+def test_injector_non_context_form(tiny):
+    snap = snapshot(tiny)
+    inj = pytei.Injector(BitFlip(1e-2), target="embedding", seed=0)
+    report = inj.apply(tiny)
+    assert inj.active and report.n_faults > 0 and set(report.per_parameter) == {"emb.weight"}
+    with pytest.raises(RuntimeError, match="already applied"):
+        inj.apply(tiny)
+    inj.restore()
+    assert not inj.active
+    assert_bit_identical(tiny, snap)
+
+
+def test_bad_arguments(tiny):
+    with pytest.raises(TypeError, match="must be a pytei ErrorModel"):
+        pytei.Injector(1e-3)
+    with pytest.raises(TypeError, match="seed must be an int"):
+        pytei.Injector(BitFlip(1e-3), seed="0")
+
+
+def test_report_counts_agree(tiny):
+    with pytei.inject(tiny, BitFlip(0.02, bits=[23, 24, 30, 31]), seed=12) as r:
+        pass
+    assert r.per_field["mantissa"] == 0 and r.per_field["sign"] > 0 and r.per_field["exponent"] > 0
+    assert r.n_faults == sum(r.per_parameter.values()) == sum(r.per_field.values())
+    assert int(r.per_bit("emb.weight")[[23, 24, 30, 31]].sum()) == r.per_parameter["emb.weight"]
+    assert r.targeted_bits == 32 * r.targeted_values
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+def test_cuda_matches_cpu(tiny):
+    gpu = type(tiny)().cuda().eval()
+    snap = snapshot(gpu)
+    with (
+        pytei.inject(tiny, BitFlip(1e-2), seed=13) as cpu_r,
+        pytei.inject(gpu, BitFlip(1e-2), seed=13) as gpu_r,
+    ):
+        for (n, p), q in zip(tiny.named_parameters(), gpu.parameters(), strict=True):
+            assert torch.equal(int_view(p.detach()), int_view(q.detach()).cpu()), n
+    assert cpu_r.per_parameter == gpu_r.per_parameter
+    assert_bit_identical(gpu, snap)
