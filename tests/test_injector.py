@@ -223,3 +223,61 @@ def test_cuda_matches_cpu(tiny):
             assert torch.equal(int_view(p.detach()), int_view(q.detach()).cpu()), n
     assert cpu_r.per_parameter == gpu_r.per_parameter
     assert_bit_identical(gpu, snap)
+
+
+def _hooks(model):
+    return sum(len(m._forward_hooks) for m in model.modules())
+
+
+def test_activation_errors_are_fresh_each_pass_and_removed(tiny):
+    snap = snapshot(tiny)
+    clean = run(tiny)
+    with pytei.inject(tiny, BitFlip(0.01), site="activations", target="mlp", seed=0) as report:
+        first, second = run(tiny), run(tiny)
+        assert not torch.equal(first, clean) and not torch.equal(first, second)
+        assert report.passes == 2 * 4 and report.n_faults == sum(report.per_activation.values()) > 0
+        assert set(report.per_activation) == {"bottom.0", "bottom.1", "top.0", "top.2"}
+        assert sum(report.per_field.values()) == report.n_faults
+        assert_bit_identical(tiny, snap)  # weights are never touched
+    assert _hooks(tiny) == 0 and torch.equal(run(tiny), clean)
+    with pytei.inject(tiny, BitFlip(0.01), site="activations", target="mlp", seed=0):
+        assert torch.equal(run(tiny), first) and torch.equal(run(tiny), second)  # reproducible sequence
+
+
+def test_activation_faults_precede_other_hooks(tiny):
+    seen = []
+    tiny.top[2].register_forward_hook(lambda m, i, o: seen.append(o.clone()))
+    with pytei.inject(tiny, BitFlip(1.0, bits=[31]), site="activations", include="top.2.*", seed=0):
+        out = run(tiny)
+    assert torch.equal(seen[-1].squeeze(1), out)  # a later hook (e.g. a check) sees the corrupted output
+
+
+class DropExponentFaults(pytei.Protection):
+    """Test protection: exponent bits of float32 are immune."""
+
+    def filter(self, faults, words, error, seed):
+        self._blocked = 0
+        out = []
+        for f in faults:
+            mask = f.mask & ~(0xFF << 23)
+            self._blocked += int((mask != f.mask).sum())
+            out.append(pytei.Faults(f.index, mask).nonzero())
+        return out
+
+    @property
+    def stats(self):
+        return {"words_changed_by_protection": self._blocked}
+
+
+def test_protection_filters_the_same_draws(tiny):
+    with pytei.inject(tiny, BitFlip(0.05), seed=1) as raw:
+        pass
+    with pytei.inject(tiny, BitFlip(0.05), seed=1, protect=DropExponentFaults()) as prot:
+        pass
+    assert prot.per_field.get("exponent", 0) == 0
+    assert prot.per_field["mantissa"] == raw.per_field["mantissa"]  # same draws, exponent hits removed
+    assert prot.protection["words_changed_by_protection"] > 0
+    with pytest.raises(ValueError, match="needs site='weights'"):
+        pytei.Injector(BitFlip(0.1), site="activations", protect=DropExponentFaults())
+    with pytest.raises(ValueError, match="unknown site 'memory'"):
+        pytei.Injector(BitFlip(0.1), site="memory")

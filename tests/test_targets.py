@@ -60,7 +60,9 @@ def test_buffers_on_request():
     m = nn.Module()
     m.register_buffer("table", torch.zeros(10, 4, dtype=torch.int8))
     m.lin = nn.Linear(4, 1)
+    m.register_buffer("offsets", torch.arange(3), persistent=False)  # derived, not state
     assert [s.name for s in select(m, buffers=True, include="table")] == ["table"]
+    assert "offsets" not in [s.name for s in select(m, buffers=True)]
     with pytest.raises(ValueError, match="pattern 'table' matches no parameter"):
         select(m, include="table")
 

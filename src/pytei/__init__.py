@@ -7,7 +7,7 @@ Data flow: ``bits`` (dtype layouts) -> ``errors`` (error models) -> ``targets`` 
 from .bits import BitLayout, layout, supported_dtypes
 from .errors import BitFlip, BitRates, Burst, ErrorModel, Faults, FlipCount, RandomValue, StuckAt, Words
 from .faultmap import FaultMap
-from .injector import InjectionReport, Injector, inject
+from .injector import SITES, InjectionReport, Injector, Protection, inject
 from .targets import COMPONENTS, components, describe, select
 
 __version__ = "0.1.0"
@@ -24,7 +24,9 @@ __all__ = [
     "FlipCount",
     "InjectionReport",
     "Injector",
+    "Protection",
     "RandomValue",
+    "SITES",
     "StuckAt",
     "Words",
     "components",

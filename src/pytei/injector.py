@@ -12,6 +12,7 @@ from __future__ import annotations
 import secrets
 import signal
 import threading
+from abc import ABC, abstractmethod
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -21,11 +22,37 @@ import torch
 from torch import nn
 
 from .bits import BitLayout, bit_histogram, field_masks, int_view, layout
-from .errors import ErrorModel, Words
+from .errors import ErrorModel, Faults, Words
 from .faultmap import FaultMap
+from .sampling import generator_for
 from .targets import Site, select
 
-__all__ = ["Injector", "InjectionReport", "inject"]
+__all__ = ["Injector", "InjectionReport", "Protection", "SITES", "inject"]
+
+#: Where errors go: stored tensors (memory errors) or layer outputs (transient compute errors).
+SITES = ("weights", "activations")
+
+
+class Protection(ABC):
+    """A memory-side protection: decides which drawn faults actually reach the stored values.
+
+    It sees the faults drawn for every selected tensor *before* they land and returns the ones
+    that get through (e.g. masked bits, ECC-corrected words), so the same draws (same seed) can be
+    compared with and without protection. ``stats`` describes what it did on the last call.
+    """
+
+    @abstractmethod
+    def filter(self, faults: list[Faults], words: list[Words], error: ErrorModel, seed: int) -> list[Faults]:
+        """The faults that reach storage, one entry per tensor of ``words``."""
+
+    def overhead(self, lay: BitLayout) -> float:
+        """Extra storage as a fraction of the protected data (0.125 for a (72,64) code)."""
+        return 0.0
+
+    @property
+    def stats(self) -> dict:
+        """Counters of the last ``filter`` call (e.g. corrected, detected, silent)."""
+        return {}
 
 
 @contextmanager
@@ -70,23 +97,29 @@ class _Storage:
 
 @dataclass
 class InjectionReport:
-    """What one injection did. Counts are computed on first use from the sparse fault map."""
+    """What one injection did. Weight-fault counts are computed on first use from the sparse map;
+    activation-fault counts accumulate with every forward pass while the injection is active."""
 
     seed: int
+    site: str
     error: dict
     fault_map: FaultMap
     components: dict[str, str]
     targeted_values: int
     layouts: dict[str, BitLayout] = field(repr=False)
+    protection: dict = field(default_factory=dict)
+    per_activation: dict[str, int] = field(default_factory=dict)
+    passes: int = 0
+    _activation_fields: dict[str, int] = field(default_factory=dict, repr=False)
 
     @property
     def targeted_bits(self) -> int:
-        """Number of bits exposed to errors (all bits of the targeted tensors)."""
+        """Number of stored bits exposed to errors (weights site)."""
         return sum(self.fault_map.numels[n] * lay.width for n, lay in self.layouts.items())
 
     @cached_property
     def per_parameter(self) -> dict[str, int]:
-        """Bits changed in each targeted tensor (0 included)."""
+        """Bits changed in each targeted tensor (0 included); empty for the activations site."""
         return {
             n: int(bit_histogram(self.fault_map.faults[n].mask, lay.width).sum())
             if n in self.fault_map.faults
@@ -96,39 +129,50 @@ class InjectionReport:
 
     @property
     def n_faults(self) -> int:
-        """Total bits changed."""
-        return sum(self.per_parameter.values())
+        """Total bits changed (in stored tensors, or in layer outputs over all passes so far)."""
+        return sum(self.per_parameter.values()) + sum(self.per_activation.values())
 
     @property
     def n_values(self) -> int:
-        """Number of values (words) with at least one changed bit."""
+        """Number of stored values (words) with at least one changed bit."""
         return sum(len(f) for f in self.fault_map.faults.values())
 
     @cached_property
-    def per_field(self) -> dict[str, int]:
-        """Bits changed per field: sign/exponent/mantissa for floats (value for integers)."""
+    def _weight_fields(self) -> dict[str, int]:
         out: dict[str, int] = {}
         for n, f in self.fault_map.faults.items():
-            lay = self.layouts[n]
-            for name, mask in field_masks(lay).items():
-                out[name] = out.get(name, 0) + int(bit_histogram(f.mask & mask, lay.width).sum())
+            _add_fields(out, f.mask, self.layouts[n])
+        return out
+
+    @property
+    def per_field(self) -> dict[str, int]:
+        """Bits changed per field: sign/exponent/mantissa for floats (value for integers)."""
+        out = dict(self._weight_fields)
+        for k, v in self._activation_fields.items():
+            out[k] = out.get(k, 0) + v
         return out
 
     @property
     def per_component(self) -> dict[str, int]:
         """Bits changed per component (embedding, mlp, ...)."""
         out: dict[str, int] = {}
-        for n, count in self.per_parameter.items():
-            out[self.components[n]] = out.get(self.components[n], 0) + count
+        for counts in (self.per_parameter, self.per_activation):
+            for n, count in counts.items():
+                out[self.components[n]] = out.get(self.components[n], 0) + count
         return out
 
     def per_bit(self, name: str) -> torch.Tensor:
-        """Changed-bit count at each bit position of tensor ``name``."""
+        """Changed-bit count at each bit position of stored tensor ``name``."""
         lay = self.layouts[name]
         f = self.fault_map.faults.get(name)
         return (
             bit_histogram(f.mask, lay.width) if f is not None else torch.zeros(lay.width, dtype=torch.int64)
         )
+
+
+def _add_fields(out: dict[str, int], mask: torch.Tensor, lay: BitLayout) -> None:
+    for name, fmask in field_masks(lay).items():
+        out[name] = out.get(name, 0) + int(bit_histogram(mask & fmask, lay.width).sum())
 
 
 class Injector:
@@ -138,6 +182,11 @@ class Injector:
     replay). ``target``, ``params``, ``include``, ``exclude`` and ``buffers`` select tensors as in
     :func:`pytei.targets.select`. ``seed`` makes the faults reproducible; with ``None`` a fresh
     seed is drawn and recorded in the report.
+
+    ``site="weights"`` (default) corrupts stored tensors once (memory errors); ``protect`` is a
+    :class:`Protection` that filters those faults before they land. ``site="activations"``
+    corrupts the outputs of the modules that own the selected parameters on every forward pass
+    while applied, with fresh faults each pass (transient compute errors, for inference).
     """
 
     def __init__(
@@ -150,15 +199,26 @@ class Injector:
         exclude: str | Sequence[str] | None = None,
         buffers: bool = False,
         seed: int | None = None,
+        site: str = "weights",
+        protect: Protection | None = None,
     ) -> None:
         if not isinstance(error, ErrorModel):
             raise TypeError(f"error must be a pytei ErrorModel (e.g. BitFlip(ber=1e-6)), got {error!r}")
         if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
             raise TypeError(f"seed must be an int or None, got {seed!r}")
+        if site not in SITES:
+            raise ValueError(f"unknown site {site!r}; allowed: {', '.join(SITES)}")
+        if protect is not None and not isinstance(protect, Protection):
+            raise TypeError(f"protect must be a pytei Protection (e.g. ProtectBits()), got {protect!r}")
+        if protect is not None and site != "weights":
+            raise ValueError("protect= filters memory errors and needs site='weights'")
         self.error = error
         self.selection = dict(target=target, params=params, include=include, exclude=exclude, buffers=buffers)
         self.seed = seed
+        self.site = site
+        self.protect = protect
         self._applied: list[tuple[_Storage, torch.Tensor, torch.Tensor]] = []
+        self._hooks: list[torch.utils.hooks.RemovableHandle] = []
         self._active = False
 
     @property
@@ -167,15 +227,17 @@ class Injector:
         return self._active
 
     def sites(self, model: nn.Module) -> list[Site]:
-        """The tensors this injector would corrupt in ``model``."""
+        """The tensors this injector would corrupt in ``model`` (their modules, for activations)."""
         return select(model, **self.selection)
 
     def apply(self, model: nn.Module) -> InjectionReport:
-        """Corrupt ``model`` in place and return what was done."""
+        """Corrupt ``model`` in place (or hook its layer outputs) and return the live report."""
         if self._active:
             raise RuntimeError("this injector is already applied; call restore() first")
         sites = self.sites(model)
         seed = self.seed if self.seed is not None else secrets.randbits(62)
+        if self.site == "activations":
+            return self._apply_activations(model, sites, seed)
         storages = [_Storage(s.tensor) for s in sites]
         layouts = {s.name: layout(s.tensor.dtype) for s in sites}
         words = [
@@ -187,9 +249,13 @@ class Injector:
             )
             for s, st in zip(sites, storages, strict=True)
         ]
+        protection: dict = {}
         try:  # a Ctrl-C held until the faults are in aborts the trial: undo, then raise it
             with torch.no_grad(), _hold_sigint():
                 drawn = self.error.draw(words, seed)
+                if self.protect is not None:
+                    drawn = self.protect.filter(drawn, words, self.error, seed)
+                    protection = dict(self.protect.stats)
                 for st, f, lay in zip(storages, drawn, layouts.values(), strict=True):
                     if len(f):
                         index = f.index.to(st.device)
@@ -209,12 +275,35 @@ class Injector:
         )
         return InjectionReport(
             seed=seed,
+            site=self.site,
             error=self.error.spec,
             fault_map=fault_map,
             components={s.name: s.component for s in sites},
             targeted_values=sum(s.tensor.numel() for s in sites),
             layouts=layouts,
+            protection=protection,
         )
+
+    def _apply_activations(self, model: nn.Module, sites: list[Site], seed: int) -> InjectionReport:
+        owners: dict[str, str] = {}
+        for s in sites:
+            owners.setdefault(s.name.rpartition(".")[0], s.component)
+        modules = dict(model.named_modules())
+        report = InjectionReport(
+            seed=seed,
+            site=self.site,
+            error=self.error.spec,
+            fault_map=FaultMap({}, {}, {}, {"seed": seed, "error": self.error.spec}),
+            components=dict(owners),
+            targeted_values=0,
+            layouts={},
+        )
+        report.per_activation.update({name: 0 for name in owners})
+        for name in owners:
+            hook = _activation_hook(self.error, name, generator_for(seed, name, "activations"), report)
+            self._hooks.append(modules[name].register_forward_hook(hook, prepend=True))
+        self._active = True
+        return report
 
     def _undo(self) -> None:
         with torch.no_grad():
@@ -223,10 +312,40 @@ class Injector:
                 st.write(index, old)
 
     def restore(self) -> None:
-        """Write back every changed word; the model is then bit-identical to before ``apply``."""
+        """Write back every changed word (or remove the activation hooks): the model is as before."""
         with _hold_sigint():
             self._undo()
+            while self._hooks:
+                self._hooks.pop().remove()
             self._active = False
+
+
+def _activation_hook(error: ErrorModel, name: str, generator: torch.Generator, report: InjectionReport):
+    """Forward hook that XORs fresh faults into a module's output on every pass."""
+
+    def hook(module: nn.Module, inputs, output):
+        first = output[0] if isinstance(output, tuple) else output
+        if not isinstance(first, torch.Tensor):
+            return output
+        with torch.no_grad():
+            target = first.detach().clone() if first.requires_grad else first
+            st = _Storage(target)
+            lay = layout(target.dtype)
+            words = Words(
+                f"{name}:output", target.numel(), lay, lambda idx: st.read(idx).to(torch.int64).cpu()
+            )
+            f = error.draw_one(words, generator)
+            if len(f):
+                index = f.index.to(st.device)
+                st.write(index, st.read(index) ^ f.mask.to(device=st.device, dtype=lay.view_dtype))
+                _add_fields(report._activation_fields, f.mask, lay)
+                report.per_activation[name] += int(bit_histogram(f.mask, lay.width).sum())
+        report.passes += 1
+        if target is first:
+            return output
+        return (target, *output[1:]) if isinstance(output, tuple) else target
+
+    return hook
 
 
 @contextmanager

@@ -1,0 +1,169 @@
+"""Command-line interface: ``pytei demo | describe | train | inject``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+__all__ = ["main"]
+
+
+def _cmd_demo(args: argparse.Namespace, console: Console) -> None:
+    from .demo import run_demo
+
+    run_demo(console, runs=args.runs, samples=args.samples)
+
+
+def _cmd_describe(args: argparse.Namespace, console: Console) -> None:
+    from . import models
+    from .checkpoint import load_checkpoint
+    from .targets import describe
+
+    if Path(args.model).is_dir():
+        model = load_checkpoint(args.model, with_data=False).model
+    else:
+        config = json.loads(args.config) if args.config else {}
+        model = models.create(args.model, **config)
+    rows = describe(model)
+    console.print(rows)
+    console.print("values per component: " + ", ".join(f"{k} {v:,}" for k, v in rows.totals().items()))
+
+
+def _cmd_train(args: argparse.Namespace, console: Console) -> None:
+    from . import models
+    from .checkpoint import save_checkpoint
+    from .data import load
+    from .train import TrainConfig, fit
+
+    options = json.loads(args.data_options) if args.data_options else {}
+    cls = models.get(args.model)
+    data = load(args.dataset, args.data_dir, seed=args.split_seed, layout=cls.input_layout, **options)
+    console.print(
+        f"{data.name}: {len(data.train):,} train / {len(data.valid):,} valid / {len(data.test):,} test rows, "
+        f"{len(data.field_dims)} fields"
+    )
+    config = json.loads(args.model_config) if args.model_config else {}
+    model = models.create(args.model, field_dims=data.field_dims, **_dense_kw(cls, data), **config)
+    train_cfg = TrainConfig(
+        lr=args.lr,
+        batch_size=args.batch_size,
+        max_epochs=args.epochs,
+        patience=args.patience,
+        seed=args.seed,
+        device=args.device,
+    )
+    result = fit(model, data, train_cfg)
+    out = save_checkpoint(
+        args.out, result.model, data, data_dir=args.data_dir, data_options=options, scores=result.summary()
+    )
+    console.print(
+        f"best epoch {result.best_epoch}: valid AUC {result.valid_auc:.4f}, test AUC {result.test_auc:.4f} "
+        f"-> checkpoint {out}"
+    )
+
+
+def _dense_kw(cls, data) -> dict:
+    return {"dense_dim": data.dense_dim} if cls.input_layout == "dense+sparse" else {}
+
+
+def _cmd_inject(args: argparse.Namespace, console: Console) -> None:
+    from . import metrics
+    from .checkpoint import load_checkpoint
+    from .errors import BitFlip
+    from .injector import inject
+    from .train import predict
+
+    ckpt = load_checkpoint(args.checkpoint, data_dir=args.data_dir)
+    test = ckpt.test
+    clean = predict(ckpt.model, test)
+    base = metrics.score(clean, test.labels)
+    table = Table(
+        title=f"{ckpt.meta['model']['name']} on {ckpt.meta['data']['name']}: BitFlip into {args.target}"
+    )
+    for col in ("BER", "seed", "flips", "AUC", "AUC (valid outputs)", "invalid outputs", "RMSE vs clean"):
+        table.add_column(col, justify="right")
+    table.add_row("0", "-", "0", f"{base['auc']:.4f}", f"{base['auc_valid']:.4f}", "0", "0")
+    for ber in args.ber:
+        for seed in range(args.seed, args.seed + args.runs):
+            with inject(
+                ckpt.model, BitFlip(ber), target=args.target, params=args.params, seed=seed
+            ) as report:
+                out = predict(ckpt.model, test)
+            s = metrics.score(out, test.labels, golden=clean)
+            table.add_row(
+                f"{ber:.0e}",
+                str(seed),
+                f"{report.n_faults:,}",
+                f"{s['auc']:.4f}",
+                f"{s['auc_valid']:.4f}",
+                f"{s['n_invalid']:,}",
+                f"{s['rmse']:.3g}",
+            )
+    console.print(table)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="pytei", description="Hardware-error injection for recommendation models"
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("demo", help="BER sweep on the paper's dummy DRS (the embedded default job)")
+    p.add_argument("--runs", type=int, default=5)
+    p.add_argument("--samples", type=int, default=2048)
+    p.set_defaults(func=_cmd_demo)
+
+    p = sub.add_parser("describe", help="list a model's parameters with their components")
+    p.add_argument("model", help="a registered model name or a checkpoint directory")
+    p.add_argument("--config", help="model config as JSON, e.g. '{\"field_dims\": [6041, 3953]}'")
+    p.set_defaults(func=_cmd_describe)
+
+    p = sub.add_parser("train", help="train a model with early stopping and save a checkpoint")
+    p.add_argument("--model", required=True)
+    p.add_argument("--dataset", required=True)
+    p.add_argument("--data-dir")
+    p.add_argument("--data-options", help="data set options as JSON, e.g. '{\"n_rows\": 100000}'")
+    p.add_argument("--model-config", help="extra model config as JSON")
+    p.add_argument("--out", required=True, help="checkpoint directory to write")
+    p.add_argument("--epochs", type=int, default=100)
+    p.add_argument("--patience", type=int, default=3)
+    p.add_argument("--batch-size", type=int, default=2048)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--split-seed", type=int, default=0)
+    p.add_argument("--device", default="cpu")
+    p.set_defaults(func=_cmd_train)
+
+    p = sub.add_parser("inject", help="one-off trials on a checkpoint: clean vs injected metrics")
+    p.add_argument("checkpoint")
+    p.add_argument("--ber", type=float, nargs="+", required=True)
+    p.add_argument("--target", default="all")
+    p.add_argument("--params", default="all", choices=["weight", "bias", "all"])
+    p.add_argument("--runs", type=int, default=1)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--data-dir", help="where the data set is now, if it moved since training")
+    p.set_defaults(func=_cmd_inject)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    console = Console()
+    try:
+        args.func(args, console)
+    except (ValueError, TypeError, FileNotFoundError) as err:
+        console.print(f"[red]error:[/red] {err}")
+        return 2
+    except KeyboardInterrupt:
+        console.print("[yellow]interrupted[/yellow]")
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,6 @@
+"""Mitigations: compute-side ones wrap a model (``pytei.mitigate``), memory-side ones filter
+faults before they land (``pytei.inject(..., protect=...)``)."""
+
+from .base import Mitigation, hidden_linears, mitigate
+
+__all__ = ["Mitigation", "hidden_linears", "mitigate"]

@@ -1,0 +1,77 @@
+"""What every compute-side mitigation shares: reversible attachment and default layer choice.
+
+Compute-side mitigations (clipping, ABFT) act on layer outputs through forward hooks rather than
+by swapping modules: parameter names stay the same with and without them, so a trial's faults
+(seeded per parameter name) are identical across mitigations and comparisons are paired.
+Injected compute faults use prepended hooks, so a mitigation always sees the corrupted output.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+
+from torch import nn
+
+from ..targets import components
+
+__all__ = ["Mitigation", "mitigate", "hidden_linears"]
+
+
+def hidden_linears(
+    model: nn.Module, component: Sequence[str] = ("mlp", "attention"), layers: Sequence[str] | None = None
+) -> dict[str, nn.Module]:
+    """Linear layers to protect, by name: explicit ``layers``, or every Linear of the given
+    components except the model's output layer(s) (``model.output_layers``, else the last Linear).
+    """
+    modules = dict(model.named_modules())
+    if layers is not None:
+        missing = [n for n in layers if n not in modules]
+        if missing:
+            raise ValueError(f"no module named {missing} in {type(model).__name__}")
+        return {n: modules[n] for n in layers}
+    comps = components(model)
+    linears = {n: m for n, m in modules.items() if isinstance(m, nn.Linear)}
+    output = set(getattr(model, "output_layers", ()) or list(linears)[-1:])
+    chosen = {
+        n: m for n, m in linears.items() if n not in output and comps.get(f"{n}.weight") in tuple(component)
+    }
+    return chosen  # may be empty: pytorch-fm's FM has no hidden layer at all
+
+
+class Mitigation(ABC):
+    """A compute-side mitigation that wraps a model while attached. Subclasses keep ``stats``."""
+
+    @abstractmethod
+    def attach(self, model: nn.Module) -> None:
+        """Start acting on ``model`` (register hooks). Parameters are never modified."""
+
+    @abstractmethod
+    def detach(self) -> None:
+        """Stop acting: the model behaves exactly as before ``attach``."""
+
+    @property
+    def stats(self) -> dict:
+        """What the mitigation did since it was attached (counters)."""
+        return {}
+
+
+@contextmanager
+def mitigate(model: nn.Module, *mitigations: Mitigation) -> Iterator[tuple[Mitigation, ...]]:
+    """Run the block with ``mitigations`` attached to ``model``; detach on exit, whatever happens.
+
+    >>> with pytei.mitigate(model, ClipActivations()), pytei.inject(model, BitFlip(1e-5), seed=0):
+    ...     out = model(x)
+    """
+    attached: list[Mitigation] = []
+    try:
+        for m in mitigations:
+            if not isinstance(m, Mitigation):
+                raise TypeError(f"mitigate() takes pytei Mitigation objects, got {m!r}")
+            m.attach(model)
+            attached.append(m)
+        yield mitigations
+    finally:
+        for m in reversed(attached):
+            m.detach()

@@ -1,0 +1,103 @@
+"""DLRM (Naumov et al. 2019), after facebookresearch/dlrm (``dlrm_s_pytorch.py``, dot interaction).
+
+A bottom MLP maps dense features to one ``embed_dim`` vector; each categorical feature has its own
+``nn.EmbeddingBag`` table; all these vectors interact by pairwise dot products, which are concatenated
+with the bottom output and fed to a top MLP ending in one logit.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from . import register
+from .layers import RecModel, ReluMLP, check_input, check_int, check_ints, pair_indices, tag
+
+__all__ = ["DLRM", "DotInteraction"]
+
+
+class DotInteraction(nn.Module):
+    """Dot products of all pairs i < j (no self-interaction): ``[B, n, d] -> [B, n(n-1)/2]``."""
+
+    pytei_component = "interaction"
+
+    def forward(self, vectors: torch.Tensor) -> torch.Tensor:
+        row, col = pair_indices(vectors.shape[1], vectors.device)
+        return torch.bmm(vectors, vectors.transpose(1, 2))[:, row, col]
+
+
+@register("dlrm")
+class DLRM(RecModel):
+    """DLRM with dot interaction; ``forward(dense: Float[B, dense_dim], sparse: Long[B, len(field_dims)])``.
+
+    Each sample has one index per categorical feature. With ``dense_dim == 0`` there is no bottom MLP
+    and only the embeddings interact. Embedding tables start U(-1/sqrt(rows), 1/sqrt(rows)) as in the
+    reference; linear layers keep torch's default init. ``forward_prefix`` stops at the top MLP's input.
+    """
+
+    input_layout = "dense+sparse"
+    suffix_modules = ("top_mlp",)
+    output_layers = ("top_mlp.4",)
+
+    def __init__(
+        self,
+        *,
+        field_dims: Sequence[int],
+        dense_dim: int = 13,
+        embed_dim: int = 16,
+        bottom_mlp: Sequence[int] = (64, 16),
+        top_mlp: Sequence[int] = (64, 32),
+    ) -> None:
+        field_dims, embed_dim = check_ints("field_dims", field_dims), check_int("embed_dim", embed_dim)
+        dense_dim = check_int("dense_dim", dense_dim, minimum=0)
+        bottom_mlp, top_mlp = check_ints("bottom_mlp", bottom_mlp), check_ints("top_mlp", top_mlp)
+        if dense_dim and bottom_mlp[-1] != embed_dim:
+            raise ValueError(f"bottom_mlp must end in embed_dim={embed_dim} to interact, got {bottom_mlp}")
+        num_vectors = len(field_dims) + (1 if dense_dim else 0)
+        if num_vectors < 2:
+            raise ValueError(
+                f"dlrm needs at least two vectors to interact, got field_dims={field_dims}, dense_dim=0"
+            )
+        super().__init__(
+            field_dims=field_dims,
+            dense_dim=dense_dim,
+            embed_dim=embed_dim,
+            bottom_mlp=bottom_mlp,
+            top_mlp=top_mlp,
+        )
+        self.bottom_mlp = ReluMLP(dense_dim, bottom_mlp) if dense_dim else None
+        self.embeddings = tag(
+            nn.ModuleList(nn.EmbeddingBag(rows, embed_dim, mode="sum") for rows in field_dims), "embedding"
+        )
+        self._init_tables()
+        self.interaction = DotInteraction()
+        top_in = num_vectors * (num_vectors - 1) // 2 + (embed_dim if dense_dim else 0)
+        self.top_mlp = ReluMLP(top_in, top_mlp, output_layer=True)
+
+    @torch.no_grad()
+    def _init_tables(self) -> None:
+        for table in self.embeddings:
+            bound = 1.0 / math.sqrt(table.num_embeddings)
+            nn.init.uniform_(table.weight, -bound, bound)
+
+    def forward_prefix(self, dense: torch.Tensor, sparse: torch.Tensor) -> torch.Tensor:
+        """``dense``, ``sparse`` -> ``[bottom output, pairwise dots]``, the input of ``top_mlp``."""
+        check_input("dense", dense, self._config["dense_dim"])
+        check_input("sparse", sparse, len(self.embeddings), integer=True)
+        if dense.shape[0] != sparse.shape[0]:
+            raise ValueError(f"dense and sparse batch sizes differ: {dense.shape[0]} vs {sparse.shape[0]}")
+        offsets = torch.arange(sparse.shape[0], dtype=sparse.dtype, device=sparse.device)
+        vectors = [table(sparse[:, k], offsets) for k, table in enumerate(self.embeddings)]
+        if self.bottom_mlp is None:
+            return self.interaction(torch.stack(vectors, dim=1))
+        bottom = self.bottom_mlp(dense)
+        return torch.cat([bottom, self.interaction(torch.stack([bottom, *vectors], dim=1))], dim=1)
+
+    def forward_suffix(self, h: torch.Tensor) -> torch.Tensor:
+        return self.top_mlp(h).squeeze(1)
+
+    def forward(self, dense: torch.Tensor, sparse: torch.Tensor) -> torch.Tensor:
+        return self.forward_suffix(self.forward_prefix(dense, sparse))
