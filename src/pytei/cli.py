@@ -1,4 +1,4 @@
-"""Command-line interface: ``pytei demo | describe | train | inject``."""
+"""Command-line interface: ``pytei demo | describe | train | inject | campaign | report``."""
 
 from __future__ import annotations
 
@@ -107,6 +107,70 @@ def _cmd_inject(args: argparse.Namespace, console: Console) -> None:
     console.print(table)
 
 
+def _executor_options(args: argparse.Namespace) -> dict:
+    return {"workers": args.workers, "ray_address": args.ray_address}
+
+
+def _cmd_campaign_run(args: argparse.Namespace, console: Console) -> None:
+    from .campaign import load_spec
+    from .campaign.execute import run_campaign
+
+    spec = load_spec(args.spec)
+    result = run_campaign(spec, args.db, base_dir=Path(args.spec).parent, **_executor_options(args))
+    console.print(
+        f"campaign {spec.name}: {result.ran} trials run now, {result.skipped} already stored, "
+        f"{result.failed} failed; {result.planned} planned -> {args.db}"
+    )
+
+
+def _cmd_campaign_resume(args: argparse.Namespace, console: Console) -> None:
+    from .campaign.execute import resume_campaign
+
+    result = resume_campaign(args.db, **_executor_options(args))
+    console.print(
+        f"resumed: {result.ran} trials run now, {result.skipped} already stored, {result.failed} failed"
+    )
+
+
+def _cmd_campaign_status(args: argparse.Namespace, console: Console) -> None:
+    from .campaign.store import Store
+
+    if not Path(args.db).is_file():
+        raise FileNotFoundError(f"no campaign database at {args.db}")
+    with Store(args.db, create=False) as store:
+        spec, counts, timing = store.spec(), store.counts(), store.timing()
+    table = Table(title=f"campaign {spec['name'] if spec else '?'} ({args.db})")
+    for col in ("done", "failed", "remaining", "planned", "trials/s", "eta"):
+        table.add_column(col, justify="right")
+    rate = timing.get("trials_per_s")
+    eta = timing.get("eta_s")
+    table.add_row(
+        str(counts["ok"]),
+        str(counts["failed"]),
+        str(counts["remaining"]),
+        str(counts["planned"]),
+        f"{rate:.2f}" if rate else "-",
+        f"{eta / 60:.1f} min" if eta is not None else "-",
+    )
+    console.print(table)
+
+
+def _cmd_campaign_export(args: argparse.Namespace, console: Console) -> None:
+    from .results import export
+
+    out = export(args.db, args.out, fmt=args.format)
+    console.print(f"wrote {out}")
+
+
+def _cmd_report(args: argparse.Namespace, console: Console) -> None:
+    from .report import write_report
+
+    if not Path(args.db).is_file():
+        raise FileNotFoundError(f"no campaign database at {args.db}")
+    path = write_report(args.db, args.out, title=args.title)
+    console.print(f"wrote {path} and {path.with_suffix('.html')}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="pytei", description="Hardware-error injection for recommendation models"
@@ -148,6 +212,36 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--data-dir", help="where the data set is now, if it moved since training")
     p.set_defaults(func=_cmd_inject)
+
+    campaign = sub.add_parser("campaign", help="run, resume, inspect and export fault-injection campaigns")
+    csub = campaign.add_subparsers(dest="campaign_command", required=True)
+    for name, func, helptext in (
+        ("run", _cmd_campaign_run, "run a campaign spec (TOML) into a results database"),
+        ("resume", _cmd_campaign_resume, "continue an interrupted campaign from its database"),
+    ):
+        p = csub.add_parser(name, help=helptext)
+        p.add_argument("spec" if name == "run" else "db")
+        if name == "run":
+            p.add_argument("--db", required=True, help="SQLite results database (created if missing)")
+        p.add_argument(
+            "--workers", type=int, default=0, help="local worker processes (0: run in this process)"
+        )
+        p.add_argument("--ray-address", help="run on Ray: 'local', 'auto' or 'ray://host:port'")
+        p.set_defaults(func=func)
+    p = csub.add_parser("status", help="done / failed / remaining trials, rate and ETA")
+    p.add_argument("db")
+    p.set_defaults(func=_cmd_campaign_status)
+    p = csub.add_parser("export", help="write all trials to CSV or Parquet")
+    p.add_argument("db")
+    p.add_argument("--format", choices=["csv", "parquet"], default="csv")
+    p.add_argument("--out", required=True)
+    p.set_defaults(func=_cmd_campaign_export)
+
+    p = sub.add_parser("report", help="figures, tables, report.md and report.html from a results database")
+    p.add_argument("db")
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--title")
+    p.set_defaults(func=_cmd_report)
     return parser
 
 
@@ -156,7 +250,7 @@ def main(argv: list[str] | None = None) -> int:
     console = Console()
     try:
         args.func(args, console)
-    except (ValueError, TypeError, FileNotFoundError) as err:
+    except (ValueError, TypeError, FileNotFoundError, RuntimeError) as err:
         console.print(f"[red]error:[/red] {err}")
         return 2
     except KeyboardInterrupt:

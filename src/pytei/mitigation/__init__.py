@@ -2,5 +2,6 @@
 faults before they land (``pytei.inject(..., protect=...)``)."""
 
 from .base import Mitigation, hidden_linears, mitigate
+from .clip import ClipActivations
 
-__all__ = ["Mitigation", "hidden_linears", "mitigate"]
+__all__ = ["ClipActivations", "Mitigation", "hidden_linears", "mitigate"]

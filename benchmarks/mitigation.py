@@ -1,0 +1,111 @@
+"""Cost of each mitigation, as ratios against no mitigation in the same process.
+
+Compute-side (clipping, ABFT): inference time of DCN and DLRM on a batch of 4096 with the
+mitigation attached vs none (median over interleaved repeats). Memory-side (selective bit
+protection, ECC): their storage overhead, and the time of inject + restore with the protection
+vs without at a given BER (the emulation cost; real hardware pays only the storage).
+
+    python benchmarks/mitigation.py [--repeats 30] [--batch 4096]
+
+Targets: clipping <= 1.05x, ABFT <= 1.3x.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+import pytei
+from pytei import models
+from pytei.bits import layout
+from pytei.mitigation import ABFT, ECC, ClipActivations, ProtectBits, mitigate
+
+
+def make(name: str, batch: int, gen: torch.Generator):
+    """A model with Criteo-like inputs (26 categorical fields of 1000 values; DLRM adds 13 dense)."""
+    fields = [1000] * 26
+    if name == "dlrm":
+        model = models.create("dlrm", field_dims=fields, dense_dim=13).eval()
+        inputs = (torch.randn(batch, 13, generator=gen), torch.randint(0, 1000, (batch, 26), generator=gen))
+    else:
+        model = models.create(name, field_dims=fields).eval()  # the paper's pytorch-fm defaults
+        inputs = (torch.randint(0, 1000, (batch, 26), generator=gen),)
+    return model, inputs
+
+
+def timed(fn, repeats: int) -> list[float]:
+    out = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        out.append(time.perf_counter() - t0)
+    return out
+
+
+@torch.no_grad()
+def inference_ratios(name: str, batch: int, repeats: int) -> dict[str, float]:
+    gen = torch.Generator().manual_seed(0)
+    model, inputs = make(name, batch, gen)
+    calib = [make(name, batch, gen)[1] for _ in range(4)]
+    abft = ABFT()
+    abft.calibrate(model, calib)
+    setups = {
+        "none": (),
+        "clip": (ClipActivations(),),
+        "clip-zero": (ClipActivations(mode="zero"),),
+        "abft": (abft,),
+    }
+    times: dict[str, list[float]] = {k: [] for k in setups}
+    for _ in range(3):  # warm-up
+        model(*inputs)
+    for _ in range(repeats):  # interleave so drift affects every setup alike
+        for key, mits in setups.items():
+            with mitigate(model, *mits):
+                times[key] += timed(lambda: model(*inputs), 1)
+    base = statistics.median(times["none"])
+    return {k: statistics.median(v) / base for k, v in times.items()} | {"none_ms": base * 1e3}
+
+
+def protection_costs(ber: float, repeats: int) -> dict[str, tuple[float, float]]:
+    model = torch.nn.Sequential(torch.nn.Embedding(250_000, 16), torch.nn.Linear(16, 64))  # ~4M parameters
+    lay = layout(torch.float32)
+    out = {}
+    base = None
+    for key, protect in (("none", None), ("protect-bits", ProtectBits()), ("ecc", ECC())):
+
+        def trial(protect=protect):
+            inj = pytei.Injector(pytei.BitFlip(ber), seed=1, protect=protect)
+            inj.apply(model)
+            inj.restore()
+
+        trial()
+        t = statistics.median(timed(trial, repeats))
+        base = base or t
+        out[key] = (protect.overhead(lay) if protect else 0.0, t / base)
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=30)
+    parser.add_argument("--batch", type=int, default=4096)
+    parser.add_argument("--ber", type=float, default=1e-4)
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    threads = torch.get_num_threads()
+    print(f"inference, batch {args.batch}, median of {args.repeats} interleaved runs, {threads} threads")
+    print(f"{'model':>6} {'none ms':>9} {'clip':>7} {'clip-zero':>10} {'abft':>7}")
+    for name in ("dcn", "dlrm"):
+        r = inference_ratios(name, args.batch, args.repeats)
+        print(f"{name:>6} {r['none_ms']:>9.2f} {r['clip']:>6.3f}x {r['clip-zero']:>9.3f}x {r['abft']:>6.3f}x")
+    print(f"\nmemory-side protections, ~4M float32 parameters, BitFlip({args.ber:g}) inject + restore")
+    print(f"{'protection':>13} {'storage overhead':>17} {'emulation time':>15}")
+    for key, (overhead, ratio) in protection_costs(args.ber, max(5, args.repeats // 3)).items():
+        print(f"{key:>13} {overhead:>16.1%} {ratio:>14.2f}x")
+
+
+if __name__ == "__main__":
+    main()

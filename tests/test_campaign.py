@@ -1,0 +1,155 @@
+"""Campaign execution: resume after kill -9, executors agree, fast paths are exact, failures recorded."""
+
+import json
+import math
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from pytei.campaign import load_spec, plan
+from pytei.campaign.execute import resume_campaign, run_campaign
+from pytei.campaign.runner import ModelRunner, load_evaluation
+from pytei.campaign.store import SpecMismatch, Store
+from pytei.results import load
+
+SPEC = """
+name = "tiny"
+seed = 3
+runs = 2
+targets = [
+    { component = "all", params = "weight" },
+    { component = "mlp", params = "weight" },
+    { component = "embedding", params = "weight" },
+    { component = "mlp", include = ["predictor.*"], label = "predictor" },
+]
+sites = ["weights"]
+mitigations = ["none", "clip"]
+metrics = ["rmse"]
+
+[[models]]
+dummy = { mlp_depth = 2, mlp_hidden = 32, embed_dim = 16, sparsity = 0.02, sparse_dim = 512, dense_dim = 16 }
+samples = 300
+
+[errors]
+model = "BitFlip"
+rates = [1e-4, 1e-3]
+"""
+
+METRICS = ["n_faults", "n_invalid", "rmse", "rmse_valid", "baseline_rmse"]
+
+
+@pytest.fixture
+def spec_path(tmp_path):
+    path = tmp_path / "tiny.toml"
+    path.write_text(SPEC)
+    return path
+
+
+def table(db) -> dict[str, tuple]:
+    df = load(db)
+    assert df.trial_id.is_unique
+    return {r.trial_id: tuple(getattr(r, m) for m in METRICS) + (r.status,) for r in df.itertuples()}
+
+
+def same(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for key in a:
+        for x, y in zip(a[key], b[key], strict=True):
+            assert x == y or (isinstance(x, float) and math.isnan(x) and math.isnan(y)), (key, a[key], b[key])
+
+
+def test_campaign_runs_every_planned_trial(spec_path, tmp_path):
+    spec = load_spec(spec_path)
+    result = run_campaign(spec, tmp_path / "r.db", base_dir=spec_path.parent, progress=False)
+    planned = {t.trial_id for t in plan(spec)}
+    assert result.ran == len(planned) == 2 * 4 * 2 * 2 and result.failed == 0
+    rows = table(tmp_path / "r.db")
+    assert set(rows) == planned
+    again = run_campaign(spec, tmp_path / "r.db", base_dir=spec_path.parent, progress=False)
+    assert again.ran == 0 and again.skipped == len(planned)  # nothing runs twice
+
+
+def test_kill_9_mid_campaign_then_resume(spec_path, tmp_path):
+    child = textwrap.dedent(f"""
+        import os, signal
+        from pytei.campaign import load_spec
+        from pytei.campaign.execute import run_campaign
+        from pytei.campaign.store import Store
+        original, calls = Store.record, []
+        def record(self, row):
+            calls.append(row)
+            if len(calls) == 8:  # trial 8 finished but not yet stored: the process dies here
+                os.kill(os.getpid(), signal.SIGKILL)
+            original(self, row)
+        Store.record = record
+        run_campaign(load_spec({str(spec_path)!r}), {str(tmp_path / "k.db")!r}, progress=False)
+    """)
+    proc = subprocess.run([sys.executable, "-c", child], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == -9, proc.stderr
+    with Store(tmp_path / "k.db", create=False) as store:
+        assert store.counts()["ok"] == 7
+    resumed = resume_campaign(tmp_path / "k.db", progress=False)
+    assert resumed.skipped == 7 and resumed.ran == 32 - 7
+    run_campaign(load_spec(spec_path), tmp_path / "u.db", progress=False)
+    same(table(tmp_path / "k.db"), table(tmp_path / "u.db"))  # same trials, same results, no duplicates
+
+
+def test_process_pool_equals_in_process(spec_path, tmp_path):
+    spec = load_spec(spec_path)
+    run_campaign(spec, tmp_path / "a.db", progress=False)
+    run_campaign(spec, tmp_path / "b.db", workers=2, progress=False)
+    same(table(tmp_path / "a.db"), table(tmp_path / "b.db"))
+
+
+def test_fast_paths_equal_full_evaluation(spec_path):
+    trials = plan(load_spec(spec_path))
+    fast = ModelRunner(load_evaluation(trials[0], batch_size=64))
+    slow = ModelRunner(load_evaluation(trials[0], batch_size=64), fast=False)
+    paths = set()
+    for t in trials:
+        a, b = fast.run(t), slow.run(t)
+        paths.add(a.extra["path"])
+        for m in METRICS:
+            x, y = getattr(a, m), getattr(b, m)
+            assert x == y or (math.isnan(x) and math.isnan(y)), (t.target, t.rate, m, x, y)
+    assert {"rows", "suffix"} <= paths  # embedding-row and prefix reuse were both exercised
+
+
+def test_failing_trial_is_recorded_and_campaign_goes_on(tmp_path):
+    spec_text = SPEC.replace(
+        '{ component = "embedding", params = "weight" },', '{ component = "attention" },'
+    )
+    path = tmp_path / "bad.toml"
+    path.write_text(spec_text)
+    result = run_campaign(load_spec(path), tmp_path / "f.db", progress=False)
+    df = load(tmp_path / "f.db")
+    failed = df[df.status == "failed"]
+    assert result.failed == len(failed) == 8 and (df.status == "ok").sum() == 24
+    assert failed.error_message.str.contains("target 'attention' matches no parameter").all()
+
+
+def test_a_different_spec_is_refused(spec_path, tmp_path):
+    run_campaign(load_spec(spec_path), tmp_path / "r.db", progress=False)
+    other = tmp_path / "other.toml"
+    other.write_text(SPEC.replace("seed = 3", "seed = 4"))
+    with pytest.raises(SpecMismatch, match="belongs to campaign 'tiny'"):
+        run_campaign(load_spec(other), tmp_path / "r.db", progress=False)
+
+
+def test_restore_drift_is_detected(spec_path):
+    trials = plan(load_spec(spec_path))
+    runner = ModelRunner(load_evaluation(trials[0]))
+    runner.verify()
+    with torch.no_grad():
+        next(runner.model.parameters()).view(-1)[0] += 1.0
+    with pytest.raises(RuntimeError, match="drifted from their clean state"):
+        runner.verify()
+
+
+def test_extra_is_json(spec_path, tmp_path):
+    run_campaign(load_spec(spec_path), tmp_path / "r.db", progress=False)
+    extra = [json.loads(e) for e in load(tmp_path / "r.db").extra]
+    assert {e["path"] for e in extra} <= {"clean", "rows", "suffix", "full"}

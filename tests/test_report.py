@@ -1,0 +1,327 @@
+"""pytei.report on a small synthetic campaign: figures, Markdown and HTML contents, definitions."""
+
+from __future__ import annotations
+
+import math
+import re
+import sys
+import types
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+from scipy import stats
+
+from pytei.report import failure_ber, ranked_median, summarize, write_report
+
+DCN, FM = "ckpt:/tmp/ckpt/dcn", "ckpt:/tmp/ckpt/fm"
+BASE_AUC = {DCN: 0.80, FM: 0.78}
+#: Mean AUC of DCN, target "all", no mitigation: fails (< 0.99 x 0.80 = 0.792) first at 1e-5.
+DCN_ALL = {1e-6: 0.80, 1e-5: 0.79, 1e-4: 0.60}
+SPREAD = (-0.01, 0.0, 0.01)
+MITIGATION_DROP = {"none": 0.3, "clip": 0.1, "protect-bits": 0.2}
+TARGET_DROP = {"all": 1.0, "mlp": 0.8, "embedding": 0.01}
+
+
+def _row(**values) -> dict:
+    row = {
+        "trial_id": None,
+        "target": "all",
+        "params": "all",
+        "site": "weights",
+        "error_model": "BitFlip",
+        "bits": None,
+        "seed": 0,
+        "mitigation": "none",
+        "status": "ok",
+        "error_message": None,
+        "n_faults": 1,
+        "n_invalid": 0,
+        "n_outputs": 100,
+        "auc": math.nan,
+        "auc_valid": math.nan,
+        "invalid_frac": 0.0,
+        "logloss": math.nan,
+        "rmse": math.nan,
+        "rmse_valid": math.nan,
+        "baseline_auc": math.nan,
+        "baseline_rmse": 0.0,
+        "extra": "{}",
+        "started": 0.0,
+        "finished": 1.0,
+        "duration_s": 1.0,
+        "worker": "test:1",
+    }
+    row.update(values)
+    return row
+
+
+def _dummy_rmse(target: str, rate: float, hidden: int, embed: int, run: int) -> float:
+    if (target, rate, hidden, embed) == ("all", 1e-6, 128, 256):
+        return (math.inf, math.inf, 1.0)[run]  # -> "inf"
+    if (target, rate, hidden, embed) == ("mlp", 1e-6, 128, 256):
+        return (math.nan, math.nan, math.inf)[run]  # -> "nan"
+    if (target, rate, hidden, embed) == ("all", 1e-6, 64, 64):
+        return (1.0, 2.0, math.inf)[run]  # -> 2 with "*"
+    if rate == 1e-7 and hidden == 64:
+        return 0.001  # -> "0.0"
+    return rate * 1e5 * hidden / 64 * (1 + run) * (2 if target == "all" else 1)
+
+
+def dummy_rows() -> list[dict]:
+    rows = []
+    for hidden in (64, 128):
+        for embed in (64, 256):
+            key = f"dummy:depth=1,hidden={hidden},embed={embed},sparsity=0.01,samples=256"
+            for rate in (1e-7, 1e-6):
+                for target in ("all", "mlp"):
+                    for run in range(3):
+                        rmse = _dummy_rmse(target, rate, hidden, embed, run)
+                        rows.append(_dummy(key, target, rate, run, rmse))
+    key = "dummy:depth=1,hidden=64,embed=64,sparsity=0.01,samples=256"
+    for bit, rmse in ((30, math.inf), (10, 0.02), (0, 0.0)):
+        rows += [_dummy(key, "all", 1e-5, run, rmse, bits=f"[{bit}]") for run in range(3)]
+    return rows
+
+
+def _dummy(key: str, target: str, rate: float, run: int, rmse: float, **extra) -> dict:
+    data = "synthetic (sparsity 0.01)"
+    return _row(
+        model=key, model_label="dummy", dataset=data, target=target, rate=rate, run=run, rmse=rmse, **extra
+    )
+
+
+def _auc(model: str, target: str, mitigation: str, rate: float) -> float:
+    if (model, target, mitigation) == (DCN, "all", "none"):
+        return DCN_ALL[rate]
+    if (model, target, mitigation) == (FM, "mlp", "none"):
+        return 0.70  # below 0.99 x 0.78 everywhere -> "<= 1e-06"
+    drop = MITIGATION_DROP[mitigation] * TARGET_DROP[target]  # embedding never fails (drop <= 0.003)
+    return BASE_AUC[model] - drop * math.log10(rate / 1e-7) / 3
+
+
+def labelled_rows() -> list[dict]:
+    rows = []
+    for model, label in ((DCN, "dcn"), (FM, "fm")):
+        for rate in (1e-6, 1e-5, 1e-4):
+            for target in ("all", "mlp", "embedding"):
+                for mitigation in ("none", "clip", "protect-bits"):
+                    auc = _auc(model, target, mitigation, rate)
+                    rows += [
+                        _labelled(model, label, target, rate, run, auc + SPREAD[run], mitigation=mitigation)
+                        for run in range(3)
+                    ]
+    for bit, drop in ((30, 0.3), (23, 0.05), (0, 0.0)):
+        rows += [_labelled(DCN, "dcn", "all", 1e-5, run, 0.8 - drop, bits=f"[{bit}]") for run in range(3)]
+    for param, drop in (("mlp.0.weight", 0.2), ("mlp.0.bias", 0.01), ("embedding.weight", 0.05)):
+        for rate in (1e-5, 1e-4):
+            rows += [
+                _labelled(DCN, "dcn", param, rate, run, 0.8 - drop * math.log10(rate / 1e-6))
+                for run in range(3)
+            ]
+    return rows
+
+
+def _labelled(model: str, label: str, target: str, rate: float, run: int, auc: float, **extra) -> dict:
+    return _row(
+        model=model,
+        model_label=label,
+        dataset="movielens-1m",
+        target=target,
+        rate=rate,
+        run=run,
+        auc=auc,
+        baseline_auc=BASE_AUC[model],
+        **extra,
+    )
+
+
+def failed_row() -> dict:
+    return _row(model=DCN, model_label="dcn", dataset="movielens-1m", rate=1e-5, run=9, status="failed",
+                error_message="RuntimeError: boom")  # fmt: skip
+
+
+def frame(rows: list[dict]) -> pd.DataFrame:
+    df = pd.DataFrame(rows)
+    df["trial_id"] = [f"t{k}" for k in range(len(df))]
+    return df
+
+
+@pytest.fixture(scope="module")
+def campaign() -> pd.DataFrame:
+    return frame(dummy_rows() + labelled_rows() + [failed_row()])
+
+
+@pytest.fixture(scope="module")
+def report(campaign: pd.DataFrame, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_report(campaign, tmp_path_factory.mktemp("report"), title="unit campaign")
+
+
+EXPECTED_PNGS = {
+    "fig1-rmse-depth=1-samples=256-sparsity=0.01.png",
+    "fig2-auc-vs-ber-all.png",
+    "fig2-auc-vs-ber-mlp.png",
+    "fig2-auc-vs-ber-embedding.png",
+    "fig3-mitigation-all.png",
+    "fig3-mitigation-mlp.png",
+    "fig3-mitigation-embedding.png",
+    "fig4-per-bit.png",
+    "fig5-per-layer-dcn-movielens-1m.png",
+}
+HEADINGS = (
+    "# pytei report: unit campaign",
+    "## 1. RMSE heatmaps of dummy models (Figs 4-6)",
+    "## 2. Quality vs BER (Figs 7-9)",
+    "## 3. Mitigation comparison (Fig 10)",
+    "## 4. Per-bit sensitivity",
+    "## 5. Per-layer vulnerability",
+    "## 6. Failure BER",
+    "## 7. Definitions",
+)
+
+
+def _table_row(md: str, *cells: str) -> str:
+    """The one Markdown table row starting with ``cells``."""
+    prefix = "| " + " | ".join(cells) + " |"
+    hits = [line for line in md.splitlines() if line.startswith(prefix)]
+    assert len(hits) == 1, f"{len(hits)} rows start with {prefix!r}"
+    return hits[0]
+
+
+def test_pngs_are_valid_images(report: Path) -> None:
+    pngs = {p.name for p in report.parent.glob("*.png")}
+    assert pngs == EXPECTED_PNGS
+    for name in pngs:
+        path = report.parent / name
+        assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        with Image.open(path) as img:
+            assert img.format == "PNG"
+            assert img.width >= 500 and img.height >= 300
+
+
+def test_markdown_sections_header_and_images(report: Path, campaign: pd.DataFrame) -> None:
+    md = report.read_text()
+    n_ok = int((campaign.status == "ok").sum())
+    for heading in HEADINGS:
+        assert f"\n{heading}\n" in f"\n{md}"
+    assert f"Trials: {n_ok} ok, 1 failed ({n_ok + 1} in all)." in md
+    assert "| RuntimeError: boom | 1 |" in md
+    for name in EXPECTED_PNGS:
+        assert f"]({name})" in md
+
+
+def test_markdown_has_independently_computed_auc_points(report: Path, campaign: pd.DataFrame) -> None:
+    md = report.read_text()
+    plain = campaign[(campaign.status == "ok") & campaign.bits.isna() & (campaign.mitigation == "none")]
+    for model, label, target, rate in ((DCN, "dcn", "all", 1e-5), (FM, "fm", "embedding", 1e-4)):
+        auc = plain[(plain.model == model) & (plain.target == target) & (plain.rate == rate)].auc
+        mean, std, n = auc.mean(), auc.std(), len(auc)
+        half = stats.t.ppf(0.975, n - 1) * std / math.sqrt(n)
+        expected = [f"{v:.4g}" for v in (mean, std, auc.min(), auc.max(), mean - half, mean + half)]
+        row = _table_row(md, "movielens-1m", label, f"{rate:.0e}", str(n), "0", "0", *expected)
+        assert row.endswith(f"| {BASE_AUC[model]:.4g} |")
+
+
+def test_heatmap_cells_follow_ranked_median(report: Path) -> None:
+    md = report.read_text()
+    assert _table_row(md, "all", "1e-06", "128", "256", "inf", "3", "2", "0")
+    assert _table_row(md, "mlp", "1e-06", "128", "256", "nan", "3", "1", "2")
+    assert _table_row(md, "all", "1e-06", "64", "64", "2", "3", "1", "0", "1.5")  # mean of finite 1, 2
+    assert _table_row(md, "mlp", "1e-07", "64", "256", "0.001")
+
+
+def test_failure_ber_table(report: Path) -> None:
+    md = report.read_text()
+    interpolated = 10 ** (-6 + (0.80 - 0.792) / (0.80 - 0.79))  # log10-linear between 1e-6 and 1e-5
+    row = _table_row(md, "dcn", "movielens-1m", "all", "none", "0.8", "0.792", "1e-05")
+    assert f"{interpolated:.3g}" == "6.31e-06" and row.endswith("| 6.31e-06 |")
+    assert _table_row(md, "fm", "movielens-1m", "mlp", "none", "0.78", "0.7722", "<= 1e-06", "<= 1e-06")
+    for mitigation in ("none", "clip", "protect-bits"):
+        assert _table_row(
+            md, "fm", "movielens-1m", "embedding", mitigation, "0.78", "0.7722", "> 1e-04", "> 1e-04"
+        )
+
+
+def test_per_bit_and_per_layer_tables(report: Path) -> None:
+    md = report.read_text()
+    assert _table_row(md, "dcn", "movielens-1m", "all", "none", "1e-05", "30", "AUC drop", "0.3", "3")
+    dummy = "dummy [depth=1,hidden=64,embed=64,sparsity=0.01,samples=256]"
+    assert _table_row(md, dummy, "synthetic (sparsity 0.01)", "all", "none", "1e-05", "30", "RMSE", "inf")
+    section = md.split("## 5. Per-layer vulnerability")[1].split("## 6.")[0]
+    order = [line.split(" | ")[1] for line in section.splitlines() if line.startswith("| 1e-04 ")]
+    assert order == ["mlp.0.weight", "embedding.weight", "mlp.0.bias"]
+
+
+def test_html_is_self_contained(report: Path) -> None:
+    page = (report.parent / "report.html").read_text()
+    assert page.count("data:image/png;base64,") == len(list(report.parent.glob("*.png")))
+    assert not re.search(r"""(?:src|href)\s*=\s*["'](?!data:)""", page)
+    assert "http://" not in page and "https://" not in page and "<script" not in page
+    for heading in HEADINGS:
+        assert heading.lstrip("# ") in page
+
+
+def test_only_dummy_rows(tmp_path: Path) -> None:
+    md = write_report(frame(dummy_rows()), tmp_path).read_text()
+    assert {p.name for p in tmp_path.glob("*.png")} == {
+        "fig1-rmse-depth=1-samples=256-sparsity=0.01.png",
+        "fig4-per-bit.png",
+    }
+    assert "No trials of models with labels (AUC) without mitigation." in md
+    assert "No model was run with more than one mitigation." in md
+    assert "No per-parameter trials" in md
+
+
+def test_only_labelled_rows(tmp_path: Path) -> None:
+    rows = [r for r in labelled_rows() if r["target"] != "mlp" and r["mitigation"] == "none"]
+    md = write_report(frame(rows), tmp_path).read_text()
+    assert {p.name for p in tmp_path.glob("*.png")} == {
+        "fig2-auc-vs-ber-all.png",
+        "fig2-auc-vs-ber-embedding.png",
+        "fig4-per-bit.png",
+        "fig5-per-layer-dcn-movielens-1m.png",
+    }
+    assert "No dummy-model trials" in md
+    assert "No model was run with more than one mitigation." in md
+
+
+def test_only_failed_rows_and_db_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    results = types.ModuleType("pytei.results")
+    results.load = lambda db: frame([failed_row()]) if str(db).endswith("c.db") else None
+    monkeypatch.setitem(sys.modules, "pytei.results", results)
+    md = write_report(tmp_path / "c.db", tmp_path / "out").read_text()
+    assert "Trials: 0 ok, 1 failed (1 in all)." in md
+    assert not list((tmp_path / "out").glob("*.png"))
+    assert "<figure>" not in (tmp_path / "out" / "report.html").read_text()
+
+
+def test_ranked_median_and_summary() -> None:
+    inf, nan = math.inf, math.nan
+    assert ranked_median([1.0, 3.0, 2.0]) == 2.0
+    assert ranked_median([1.0, inf, 2.0]) == 2.0
+    assert ranked_median([1.0, inf, nan]) == inf
+    assert math.isnan(ranked_median([nan, nan, inf]))
+    assert ranked_median([1.0, 2.0, 3.0, inf]) == 2.5
+    assert ranked_median([1.0, 2.0, inf, nan]) == inf  # upper middle of an even count
+    s = summarize([1.0, 2.0, 3.0, inf, nan])
+    assert (s["n"], s["inf"], s["nan"], s["mean"], s["min"], s["max"]) == (5, 1, 1, 2.0, 1.0, 3.0)
+    assert s["ci_hi"] - 2.0 == pytest.approx(stats.t.ppf(0.975, 2) * 1.0 / math.sqrt(3))
+
+
+def test_failure_ber_function() -> None:
+    grid, interp = failure_ber([1e-4, 1e-6, 1e-5], [0.6, 0.8, 0.79], 0.8)
+    assert grid == 1e-5 and interp == pytest.approx(10**-5.2)
+    assert failure_ber([1e-6, 1e-5], [0.8, 0.795], 0.8) == (None, None)
+    assert failure_ber([1e-6, 1e-5], [0.7, 0.6], 0.8) == (1e-6, None)
+    assert np.isclose(failure_ber([1e-6, 1e-5], [0.8, 0.784], 0.8)[1], 10**-5.5)
+
+
+def test_varying_error_settings_name_the_lines(tmp_path: Path) -> None:
+    rows = [r for r in labelled_rows() if r["bits"] is None and r["target"] == "all"]
+    rows += [{**r, "site": "activations"} for r in rows if r["model"] == DCN]
+    md = write_report(frame(rows), tmp_path).read_text()
+    assert "\n| movielens-1m | dcn (site=activations) | 1e-06 | 3 |" in md
+    assert "\n| movielens-1m | fm (site=weights) | 1e-06 | 3 |" in md
+    assert "| dcn (site=weights) | movielens-1m | all | none | 0.8 | 0.792 | 1e-05 | 6.31e-06 |" in md
