@@ -152,6 +152,7 @@ class ModelRunner:
             self.rows.stop()
         self._clean: dict[str, torch.Tensor] = {"none": self.golden}
         self._prefix: dict[str, list[torch.Tensor]] = {}
+        self._baselines: dict[tuple, dict] = {}
         self._mitigations: dict[str, tuple[Mitigation | None, Protection | None]] = {}
         self._suffix_params = self._suffix_parameter_names()
         self.trials_since_check = 0
@@ -202,6 +203,14 @@ class ModelRunner:
             with mitigate(self.model, *([mit] if mit else [])):
                 self._clean[name] = self._forward_all()
         return self._clean[name]
+
+    def baseline(self, name: str, with_labels: bool, with_golden: bool) -> dict:
+        """Metrics of the clean outputs under mitigation ``name`` (scored once, then cached)."""
+        key = (name, with_labels, with_golden)
+        if key not in self._baselines:
+            labels = self.ev.labels if with_labels else None
+            self._baselines[key] = metrics.score(self.clean(name), labels, self.golden if with_golden else None)
+        return self._baselines[key]
 
     @torch.no_grad()
     def _prefix_batches(self, name: str) -> list[torch.Tensor]:
@@ -274,8 +283,8 @@ class ModelRunner:
                 injector.restore()
         labels = self.ev.labels if any(m in trial.metrics for m in ("auc", "logloss")) else None
         golden = self.golden if "rmse" in trial.metrics else None
-        got = metrics.score(outputs, labels, golden)
-        base = metrics.score(clean, labels, golden)
+        base = self.baseline(trial.mitigation, labels is not None, golden is not None)
+        got = base if path == "clean" else metrics.score(outputs, labels, golden)
         extra = {"path": path, **report.protection}
         if mit is not None:
             extra.update({k: v for k, v in mit.stats.items() if not isinstance(v, dict)})

@@ -1,0 +1,133 @@
+"""Checkpoints: a directory with weights in safetensors and JSON metadata (never pickle).
+
+The metadata records how to rebuild the model (registry name and config) and the exact test split
+it was scored on (data set name, options, split seed, fingerprint), so ``load_checkpoint`` gives
+back the model *and* the same held-out rows, refusing data that changed since training.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from . import __version__, models
+from .data import CTRDataset
+from .data import load as load_data
+
+__all__ = ["Checkpoint", "save_checkpoint", "load_checkpoint", "WEIGHTS", "META"]
+
+WEIGHTS = "model.safetensors"
+META = "meta.json"
+_FORMAT = "pytei.checkpoint/1"
+
+
+@dataclass
+class Checkpoint:
+    """A rebuilt model, its metadata and (when requested) its data set with the same split."""
+
+    model: nn.Module
+    meta: dict
+    data: CTRDataset | None
+
+    @property
+    def test(self):
+        if self.data is None:
+            raise ValueError("this checkpoint was loaded without its data (with_data=False)")
+        return self.data.test
+
+
+def save_checkpoint(
+    directory: str | Path,
+    model: nn.Module,
+    data: CTRDataset,
+    *,
+    data_dir: str | Path | None = None,
+    data_options: dict | None = None,
+    scores: dict | None = None,
+) -> Path:
+    """Write ``model`` and the metadata that rebuilds it and its test split to ``directory``."""
+    from safetensors.torch import save_model
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    meta = {
+        "format": _FORMAT,
+        "model": {"name": model.name, "config": model.config},
+        "data": {
+            "name": data.name,
+            "data_dir": str(Path(data_dir).resolve()) if data_dir is not None else None,
+            "layout": data.layout,
+            "options": data_options or {},
+            "split_seed": data.split_seed,
+            "fingerprint": data.fingerprint,
+            "field_dims": list(data.field_dims),
+            "dense_dim": data.dense_dim,
+            "sizes": {"train": len(data.train), "valid": len(data.valid), "test": len(data.test)},
+        },
+        "scores": scores or {},
+        "versions": {"pytei": __version__, "torch": torch.__version__, "python": platform.python_version()},
+    }
+    tmp = directory / (WEIGHTS + ".tmp")
+    save_model(model.cpu(), str(tmp))
+    tmp.replace(directory / WEIGHTS)
+    (directory / META).write_text(json.dumps(meta, indent=2) + "\n")
+    return directory
+
+
+def _read_meta(directory: Path) -> dict:
+    path = directory / META
+    if not path.is_file():
+        raise FileNotFoundError(f"{directory} is not a pytei checkpoint: {META} is missing")
+    try:
+        meta = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"corrupt checkpoint metadata {path}: {err}") from None
+    found = meta.get("format") if isinstance(meta, dict) else None
+    if found != _FORMAT:
+        raise ValueError(f"{path}: not a {_FORMAT} file (format={found!r})")
+    return meta
+
+
+def load_checkpoint(
+    directory: str | Path, *, data_dir: str | Path | None = None, with_data: bool = True, device: str = "cpu"
+) -> Checkpoint:
+    """Rebuild the model from ``directory`` and, unless ``with_data=False``, its data and split.
+
+    ``data_dir`` overrides the recorded data location (e.g. on another machine); the data's
+    fingerprint must match the one recorded at training time.
+    """
+    from safetensors import SafetensorError
+    from safetensors.torch import load_model
+
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise FileNotFoundError(f"no checkpoint directory at {directory}")
+    meta = _read_meta(directory)
+    try:
+        model = models.create(meta["model"]["name"], **meta["model"]["config"])
+    except (KeyError, TypeError) as err:
+        raise ValueError(f"{directory / META}: cannot rebuild the model: {err}") from None
+    weights = directory / WEIGHTS
+    if not weights.is_file():
+        raise FileNotFoundError(f"{directory} is not a pytei checkpoint: {WEIGHTS} is missing")
+    try:
+        load_model(model, str(weights), strict=True)
+    except (SafetensorError, RuntimeError, OSError) as err:
+        raise ValueError(f"corrupt checkpoint weights {weights}: {err}") from None
+    model.to(device).eval()
+    data = None
+    if with_data:
+        d = meta["data"]
+        where = data_dir if data_dir is not None else d["data_dir"]
+        data = load_data(d["name"], where, seed=d["split_seed"], layout=d["layout"], **d["options"])
+        if data.fingerprint != d["fingerprint"]:
+            raise ValueError(
+                f"the data set {d['name']} at {where} differs from the one this checkpoint was trained on "
+                f"(fingerprint {data.fingerprint[:12]} != {d['fingerprint'][:12]})"
+            )
+    return Checkpoint(model, meta, data)

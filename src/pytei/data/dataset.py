@@ -1,0 +1,150 @@
+"""Containers shared by every loader (``Split``, ``CTRDataset``), the seeded 8:1:1 split and fingerprints.
+
+Split rule (all data sets): a seeded permutation (numpy ``default_rng(seed)``) decides membership
+-- 80% of the rows are train, 10% valid, the rest test -- and each split keeps its rows in source
+order. Source order lets a large cache store the three splits as contiguous blocks (zero-copy
+views, see ``criteo``); ``Split.batches(shuffle=True)`` shuffles for training.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+__all__ = [
+    "LAYOUTS",
+    "CTRDataset",
+    "DataFileError",
+    "Split",
+    "check_layout",
+    "fingerprint",
+    "make_splits",
+    "split_assignment",
+    "split_sizes",
+]
+
+#: ``"categorical"``: ``inputs = (x: int64 [N, F],)``;
+#: ``"dense+sparse"``: ``inputs = (dense: float32 [N, D], sparse: int64 [N, S])``.
+LAYOUTS = ("categorical", "dense+sparse")
+
+TRAIN, VALID, TEST = 0, 1, 2
+
+
+class DataFileError(ValueError):
+    """A malformed data file; the message names the file and the 1-based line of the first bad line."""
+
+    def __init__(self, path: os.PathLike[str] | str, line: int, reason: str) -> None:
+        super().__init__(f"{path}: line {line}: {reason}")
+        self.path = os.fspath(path)
+        self.line = line
+
+
+@dataclass(frozen=True)
+class Split:
+    """Row-aligned model inputs and 0/1 float32 labels: ``model(*[t[i:j] for t in inputs])`` works."""
+
+    inputs: tuple[torch.Tensor, ...]
+    labels: torch.Tensor
+
+    def __post_init__(self) -> None:
+        if self.labels.dtype != torch.float32 or self.labels.dim() != 1:
+            raise ValueError(
+                f"labels must be float32 [N], got {self.labels.dtype} {tuple(self.labels.shape)}"
+            )
+        if not self.inputs or any(t.shape[0] != self.labels.shape[0] for t in self.inputs):
+            shapes = [tuple(t.shape) for t in self.inputs]
+            raise ValueError(f"inputs must be row-aligned with {self.labels.shape[0]} labels, got {shapes}")
+
+    def __len__(self) -> int:
+        return self.labels.shape[0]
+
+    def batches(
+        self, batch_size: int, *, shuffle: bool = False, generator: torch.Generator | None = None
+    ) -> Iterator[tuple[tuple[torch.Tensor, ...], torch.Tensor]]:
+        """Yield ``(inputs, labels)`` batches; unshuffled batches are views, shuffled ones gathered copies."""
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        order = torch.randperm(len(self), generator=generator) if shuffle else None
+        for start in range(0, len(self), batch_size):
+            rows = slice(start, start + batch_size) if order is None else order[start : start + batch_size]
+            yield tuple(t[rows] for t in self.inputs), self.labels[rows]
+
+
+@dataclass(frozen=True)
+class CTRDataset:
+    """A click-through-rate data set, split 8:1:1; ``field_dims`` are the vocabulary sizes of the
+    categorical fields (the sparse ones in the ``"dense+sparse"`` layout)."""
+
+    name: str
+    layout: str
+    train: Split
+    valid: Split
+    test: Split
+    field_dims: list[int]
+    dense_dim: int
+    fingerprint: str
+    split_seed: int
+
+    def __post_init__(self) -> None:
+        if self.layout not in LAYOUTS:
+            raise ValueError(f"unknown layout {self.layout!r}; allowed: {', '.join(LAYOUTS)}")
+        widths = (
+            [len(self.field_dims)] if self.layout == "categorical" else [self.dense_dim, len(self.field_dims)]
+        )
+        for split in (self.train, self.valid, self.test):
+            if [t.shape[1] for t in split.inputs] != widths:
+                raise ValueError(
+                    f"{self.name}: split inputs do not match layout {self.layout!r}: widths {widths}"
+                )
+
+    @property
+    def splits(self) -> dict[str, Split]:
+        """``{"train": ..., "valid": ..., "test": ...}``."""
+        return {"train": self.train, "valid": self.valid, "test": self.test}
+
+
+def check_layout(name: str, layout: str, allowed: Sequence[str] = LAYOUTS) -> None:
+    """Raise a ``ValueError`` naming ``layout`` and the layouts data set ``name`` offers."""
+    if layout not in allowed:
+        raise ValueError(f"{name}: unknown layout {layout!r}; allowed: {', '.join(allowed)}")
+
+
+def split_sizes(n_rows: int) -> tuple[int, int, int]:
+    """Train, valid and test sizes for 8:1:1 (as pytorch-fm: int(0.8 n), int(0.1 n), the rest)."""
+    n_train, n_valid = n_rows * 8 // 10, n_rows // 10
+    return n_train, n_valid, n_rows - n_train - n_valid
+
+
+def split_assignment(n_rows: int, seed: int) -> np.ndarray:
+    """int8 [n_rows]: ``0`` train, ``1`` valid, ``2`` test, in split sizes ``split_sizes(n_rows)``.
+
+    The row labels are shuffled by numpy ``default_rng(seed)``, which is a seeded permutation of the
+    rows (1 byte per row, so 45M rows cost 45 MB).
+    """
+    assign = np.repeat(np.array([TRAIN, VALID, TEST], dtype=np.int8), split_sizes(n_rows))
+    np.random.default_rng(seed).shuffle(assign)
+    return assign
+
+
+def make_splits(inputs: Sequence[np.ndarray], labels: np.ndarray, seed: int) -> tuple[Split, Split, Split]:
+    """Train, valid and test ``Split`` s of in-memory arrays (each split a gathered copy)."""
+    assign = split_assignment(labels.shape[0], seed)
+    splits = []
+    for part in (TRAIN, VALID, TEST):
+        rows = np.flatnonzero(assign == part)
+        tensors = tuple(torch.from_numpy(a[rows]) for a in inputs)
+        splits.append(Split(tensors, torch.from_numpy(labels[rows].astype(np.float32, copy=False))))
+    return splits[0], splits[1], splits[2]
+
+
+def fingerprint(name: str, source_sha256: str, params: dict[str, Any]) -> str:
+    """sha256 hex over the source digest (file bytes or generator parameters) and the preprocessing."""
+    payload = json.dumps({"name": name, "source": source_sha256, "params": params}, sort_keys=True)
+    return hashlib.sha256(payload.encode()).hexdigest()
