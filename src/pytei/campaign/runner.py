@@ -209,7 +209,8 @@ class ModelRunner:
         key = (name, with_labels, with_golden)
         if key not in self._baselines:
             labels = self.ev.labels if with_labels else None
-            self._baselines[key] = metrics.score(self.clean(name), labels, self.golden if with_golden else None)
+            golden = self.golden if with_golden else None
+            self._baselines[key] = metrics.score(self.clean(name), labels, golden)
         return self._baselines[key]
 
     @torch.no_grad()
@@ -269,7 +270,7 @@ class ModelRunner:
 
     def _run(self, trial: Trial, started: float) -> TrialRow:
         mit, protect = self.mitigation(trial.mitigation)
-        clean = self.clean(trial.mitigation)
+        self.clean(trial.mitigation)  # before attaching below: clean() attaches the mitigation itself
         injector = Injector(
             build_error(trial.error), site=trial.site, seed=trial.seed, protect=protect, **trial.target_spec
         )
