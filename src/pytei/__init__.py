@@ -5,9 +5,11 @@ Data flow: ``bits`` (dtype layouts) -> ``errors`` (error models) -> ``targets`` 
 """
 
 from .bits import BitLayout, layout, supported_dtypes
+from .checkpoint import load_checkpoint
 from .errors import BitFlip, BitRates, Burst, ErrorModel, Faults, FlipCount, RandomValue, StuckAt, Words
 from .faultmap import FaultMap
 from .injector import SITES, InjectionReport, Injector, Protection, inject
+from .mitigation import mitigate
 from .targets import COMPONENTS, components, describe, select
 
 __version__ = "0.1.0"
@@ -33,6 +35,8 @@ __all__ = [
     "describe",
     "inject",
     "layout",
+    "load_checkpoint",
+    "mitigate",
     "select",
     "supported_dtypes",
 ]

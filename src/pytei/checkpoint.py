@@ -10,12 +10,13 @@ from __future__ import annotations
 import json
 import platform
 from dataclasses import dataclass
+from importlib.metadata import version
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from . import __version__, models
+from . import models
 from .data import CTRDataset
 from .data import load as load_data
 
@@ -70,7 +71,11 @@ def save_checkpoint(
             "sizes": {"train": len(data.train), "valid": len(data.valid), "test": len(data.test)},
         },
         "scores": scores or {},
-        "versions": {"pytei": __version__, "torch": torch.__version__, "python": platform.python_version()},
+        "versions": {
+            "pytei": version("pytei"),
+            "torch": torch.__version__,
+            "python": platform.python_version(),
+        },
     }
     tmp = directory / (WEIGHTS + ".tmp")
     save_model(model.cpu(), str(tmp))

@@ -171,6 +171,12 @@ def _cmd_report(args: argparse.Namespace, console: Console) -> None:
     console.print(f"wrote {path} and {path.with_suffix('.html')}")
 
 
+def _cmd_reproduce(args: argparse.Namespace, console: Console) -> None:
+    from .reproduce import reproduce
+
+    reproduce(args.preset, args.out, data_dir=args.data_dir, workers=args.workers, console=console)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="pytei", description="Hardware-error injection for recommendation models"
@@ -242,6 +248,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--title")
     p.set_defaults(func=_cmd_report)
+
+    p = sub.add_parser("reproduce", help="the paper's study in one resumable command, ending with the report")
+    p.add_argument("--preset", choices=["quick", "paper"], default="quick")
+    p.add_argument("--out", default="pytei-out", help="output folder (checkpoints, databases, report)")
+    p.add_argument("--data-dir", help="folder with ratings.dat / ratings.csv / train.txt (paper preset)")
+    p.add_argument("--workers", type=int, default=0, help="local worker processes for the campaigns")
+    p.set_defaults(func=_cmd_reproduce)
     return parser
 
 

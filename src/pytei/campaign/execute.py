@@ -20,7 +20,7 @@ from scipy import stats as scistats
 
 from ..progress import progress_bar
 from .plan import Trial, plan
-from .runner import ModelRunner, load_evaluation
+from .runner import ModelRunner, load_evaluation, parameter_names
 from .spec import Spec, parse_spec
 from .store import Store, TrialRow
 
@@ -228,7 +228,7 @@ def run_campaign(
     ``base_dir`` is where the spec's relative paths were resolved (its file's folder); it is
     recorded so that :func:`resume_campaign` can rebuild the plan from the database alone.
     """
-    trials = plan(spec)
+    trials = plan(spec, parameter_names=parameter_names(spec.model_specs()))
     with Store(db) as store:
         store.attach_spec(
             spec.text, spec.hash, spec.name, len(trials), base_dir=str(Path(base_dir).resolve())

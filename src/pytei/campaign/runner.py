@@ -32,7 +32,7 @@ from ..mitigation import ClipActivations, Mitigation, mitigate
 from .plan import Trial, build_error
 from .store import TrialRow
 
-__all__ = ["Evaluation", "ModelRunner", "load_evaluation", "VERIFY_EVERY"]
+__all__ = ["Evaluation", "ModelRunner", "load_evaluation", "build_model", "parameter_names", "VERIFY_EVERY"]
 
 #: Check the parameters' digest against the clean one every this many trials (restore drift guard).
 VERIFY_EVERY = 50
@@ -57,6 +57,23 @@ def _cut(inputs: tuple[torch.Tensor, ...], batch_size: int) -> list[tuple[torch.
     return [tuple(t[i : i + batch_size] for t in inputs) for i in range(0, n, batch_size)]
 
 
+def build_model(model_spec: dict) -> nn.Module:
+    """The model a trial's ``model_spec`` names, without its data (checkpoint weights or dummy init)."""
+    if "checkpoint" in model_spec:
+        return load_checkpoint(model_spec["checkpoint"], with_data=False).model
+    return models.create("dummy", seed=model_spec.get("model_seed", 0), **model_spec["dummy"]).eval()
+
+
+def parameter_names(model_specs: dict[str, dict]):
+    """``parameter_names(model key)`` for ``plan``: the floating-point parameters of each model."""
+
+    def names(key: str) -> list[str]:
+        model = build_model(model_specs[key])
+        return [n for n, p in model.named_parameters() if p.is_floating_point()]
+
+    return names
+
+
 def load_evaluation(trial: Trial, batch_size: int = _EVAL_BATCH) -> Evaluation:
     """Build the model and evaluation rows a trial names (a checkpoint or a dummy model)."""
     spec = trial.model_spec
@@ -79,7 +96,7 @@ def load_evaluation(trial: Trial, batch_size: int = _EVAL_BATCH) -> Evaluation:
             calibration=_cut(calib, batch_size),
         )
     dummy = dict(spec["dummy"])
-    model = models.create("dummy", seed=spec.get("model_seed", 0), **dummy).eval()
+    model = build_model(spec)
     shape = {k: dummy[k] for k in ("dense_dim", "sparse_dim") if k in dummy}
     inputs = models.dummy_inputs(spec["samples"], sparsity=spec["sparsity"], seed=0, **shape)
     calib = models.dummy_inputs(

@@ -3,5 +3,6 @@ faults before they land (``pytei.inject(..., protect=...)``)."""
 
 from .base import Mitigation, hidden_linears, mitigate
 from .clip import ClipActivations
+from .protect import ProtectBits
 
-__all__ = ["ClipActivations", "Mitigation", "hidden_linears", "mitigate"]
+__all__ = ["ClipActivations", "Mitigation", "ProtectBits", "hidden_linears", "mitigate"]

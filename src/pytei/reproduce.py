@@ -1,0 +1,257 @@
+"""``pytei reproduce``: the paper's study in one resumable command, ending with the report.
+
+Presets:
+
+* ``quick`` (the README's main job, ~10 minutes on 2 CPU cores): the dummy-model study of Table 1
+  (every hyper-parameter of the grid, BER 1e-8..1e-5, 3 runs) and the five CTR models trained on
+  the synthetic CTR data set, swept over BER 1e-7..1e-2 and three targets with every mitigation,
+  plus per-bit sensitivity and per-layer vulnerability studies.
+* ``paper``: the full grid (Table 1 at BER 1e-9..1e-2 with 10 runs; fm, dfm, afm, dcn, wd on every
+  data set found in ``--data-dir`` at BER 1e-9..1e-2 with 10 runs, three targets, all mitigations),
+  training any missing checkpoint first with the paper's settings.
+
+Each study is a campaign in its own SQLite database under ``out``; running the command again
+resumes where it stopped (finished checkpoints and trials are kept).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+from rich.console import Console
+
+from . import models
+from .campaign import parse_spec
+from .campaign.execute import run_campaign
+from .checkpoint import load_checkpoint, save_checkpoint
+from .data import load as load_data
+from .report import write_report
+from .results import load as load_results
+from .train import TrainConfig, fit
+
+__all__ = ["PRESETS", "Preset", "reproduce", "find_datasets"]
+
+CTR_MODELS = ("fm", "dfm", "afm", "dcn", "wd")
+_TARGETS = """targets = [
+    { component = "all", params = "weight", label = "whole model" },
+    { component = "embedding", params = "weight", label = "embedding" },
+    { component = "all", params = "weight", exclude = ["embedding.*"], label = "neural networks" },
+]"""
+
+
+@dataclass(frozen=True)
+class Preset:
+    """Sizes of one preset."""
+
+    dummy_hidden: tuple[int, ...]
+    dummy_embed: tuple[int, ...]
+    dummy_bers: tuple[float, float]
+    dummy_samples: int
+    ctr_bers: tuple[float, float]
+    runs: int
+    test_rows: int
+    mitigations: tuple[str, ...]
+    train: TrainConfig
+    synthetic_rows: int
+    sensitivity_ber: float
+
+
+PRESETS = {
+    "quick": Preset(
+        dummy_hidden=(64, 128, 256, 512),
+        dummy_embed=(64, 128, 256, 512),
+        dummy_bers=(1e-8, 1e-5),
+        dummy_samples=512,
+        ctr_bers=(1e-7, 1e-2),
+        runs=3,
+        test_rows=4000,
+        mitigations=("none", "clip", "protect-bits", "abft", "ecc"),
+        train=TrainConfig(lr=3e-3, max_epochs=8, patience=2),
+        synthetic_rows=100_000,
+        sensitivity_ber=1e-3,
+    ),
+    "paper": Preset(
+        dummy_hidden=(64, 128, 256, 512),
+        dummy_embed=(64, 128, 256, 512),
+        dummy_bers=(1e-9, 1e-2),
+        dummy_samples=2048,
+        ctr_bers=(1e-9, 1e-2),
+        runs=10,
+        test_rows=0,
+        mitigations=("none", "clip", "protect-bits", "abft", "ecc"),
+        train=TrainConfig(),
+        synthetic_rows=200_000,
+        sensitivity_ber=1e-3,
+    ),
+}
+
+# data set name -> file that must exist in --data-dir (or a sub-folder of that name)
+_DATA_FILES = {"movielens-1m": "ratings.dat", "movielens-20m": "ratings.csv", "criteo": "train.txt"}
+
+
+def find_datasets(data_dir: str | Path | None) -> dict[str, Path]:
+    """The paper's data sets present under ``data_dir`` (directly or in ml-1m/, ml-20m/, criteo/)."""
+    if data_dir is None:
+        return {}
+    root = Path(data_dir).expanduser()
+    subdirs = {
+        "movielens-1m": ("ml-1m", "movielens-1m"),
+        "movielens-20m": ("ml-20m", "movielens-20m"),
+        "criteo": ("criteo", "dac"),
+    }
+    found = {}
+    for name, filename in _DATA_FILES.items():
+        for folder in (*(root / s for s in subdirs[name]), root):
+            if (folder / filename).is_file():
+                found[name] = folder
+                break
+    return found
+
+
+def _bers(lo: float, hi: float) -> str:
+    return f"{{ start = {lo:g}, stop = {hi:g}, per_decade = 1 }}"
+
+
+def _checkpoint(
+    out: Path, model: str, dataset: str, data_dir: Path | None, preset: Preset, console: Console
+) -> Path:
+    """Train ``model`` on ``dataset`` unless its checkpoint already exists (resumable)."""
+    path = out / "checkpoints" / f"{model}-{dataset}"
+    if (path / "meta.json").is_file():
+        try:
+            load_checkpoint(path, with_data=False)
+            return path
+        except (ValueError, FileNotFoundError):
+            console.print(f"[yellow]retraining {path}: the checkpoint is incomplete[/yellow]")
+    cls = models.get(model)
+    options = {"n_rows": preset.synthetic_rows} if dataset == "synthetic-ctr" else {}
+    data = load_data(dataset, data_dir, layout=cls.input_layout, **options)
+    console.print(f"training {model} on {dataset} ({len(data.train):,} rows)")
+    result = fit(models.create(model, field_dims=data.field_dims), data, preset.train)
+    save_checkpoint(
+        path, result.model, data, data_dir=data_dir, data_options=options, scores=result.summary()
+    )
+    console.print(f"  {model}/{dataset}: best epoch {result.best_epoch}, test AUC {result.test_auc:.4f}")
+    return path
+
+
+def _dummy_spec(preset: Preset) -> str:
+    grid = (
+        f"mlp_depth = [1, 2], mlp_hidden = {list(preset.dummy_hidden)}, "
+        f"embed_dim = {list(preset.dummy_embed)}, sparsity = [0.001, 0.01]"
+    )
+    return f"""name = "dummy-table1"
+runs = {preset.runs}
+targets = [
+    {{ component = "all", params = "weight", label = "whole model" }},
+    {{ component = "mlp", params = "weight", label = "mlp" }},
+    {{ component = "embedding", params = "weight", label = "embedding" }},
+]
+metrics = ["rmse"]
+
+[[models]]
+dummy = {{ {grid} }}
+samples = {preset.dummy_samples}
+
+[errors]
+model = "BitFlip"
+rates = {_bers(*preset.dummy_bers)}
+"""
+
+
+def _models_block(ckpts: list[Path], test_rows: int) -> str:
+    blocks = "".join(f'[[models]]\ncheckpoint = "{p}"\nlabel = "{p.name}"\n\n' for p in ckpts)
+    return blocks + f'[data]\nsplit = "test"\nmax_rows = {test_rows}\n'
+
+
+def _ctr_spec(preset: Preset, ckpts: list[Path]) -> str:
+    mitigations = ", ".join(f'"{m}"' for m in preset.mitigations)
+    return f"""name = "ctr-models"
+runs = {preset.runs}
+{_TARGETS}
+mitigations = [{mitigations}]
+metrics = ["auc", "logloss", "rmse"]
+
+{_models_block(ckpts, preset.test_rows)}
+[errors]
+model = "BitFlip"
+rates = {_bers(*preset.ctr_bers)}
+"""
+
+
+def _sensitivity_spec(preset: Preset, ckpts: list[Path]) -> str:
+    bit_sets = ", ".join(f"[{b}]" for b in range(31, -1, -1))
+    return f"""name = "per-bit-sensitivity"
+runs = {preset.runs}
+targets = [{{ component = "all", params = "weight", label = "whole model" }}]
+metrics = ["auc", "rmse"]
+
+{_models_block(ckpts, preset.test_rows)}
+[errors]
+model = "BitFlip"
+rates = [{preset.sensitivity_ber:g}]
+bit_sets = [{bit_sets}]
+"""
+
+
+def _layer_spec(preset: Preset, ckpts: list[Path]) -> str:
+    return f"""name = "per-layer-vulnerability"
+runs = {preset.runs}
+targets = "per-parameter"
+metrics = ["auc", "rmse"]
+
+{_models_block(ckpts, preset.test_rows)}
+[errors]
+model = "BitFlip"
+rates = [1e-4, 1e-3]
+"""
+
+
+def reproduce(
+    preset: str = "quick",
+    out: str | Path = "pytei-out",
+    *,
+    data_dir: str | Path | None = None,
+    workers: int = 0,
+    console: Console | None = None,
+) -> Path:
+    """Run (or resume) the preset's campaigns under ``out`` and write the report; returns report.md."""
+    if preset not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r}; allowed: {', '.join(PRESETS)}")
+    console = console or Console()
+    cfg = PRESETS[preset]
+    out = Path(out).expanduser().resolve() / preset
+    (out / "specs").mkdir(parents=True, exist_ok=True)
+    datasets = find_datasets(data_dir) if preset == "paper" else {}
+    if preset == "paper" and not datasets:
+        console.print(
+            f"[yellow]no data set found in {data_dir}; the CTR models use the synthetic CTR data set "
+            f"(expected files: {', '.join(f'{k}: {v}' for k, v in _DATA_FILES.items())})[/yellow]"
+        )
+    if not datasets:
+        datasets = {"synthetic-ctr": None}
+    ckpts = [
+        _checkpoint(out, m, ds, where, cfg, console) for ds, where in datasets.items() for m in CTR_MODELS
+    ]
+    studies = {
+        "dummy": _dummy_spec(cfg),
+        "ctr": _ctr_spec(cfg, ckpts),
+        "bits": _sensitivity_spec(cfg, ckpts),
+        "layers": _layer_spec(cfg, ckpts),
+    }
+    frames = []
+    for name, text in studies.items():
+        spec_path = out / "specs" / f"{name}.toml"
+        spec_path.write_text(text)
+        spec = parse_spec(text, out / "specs")
+        console.print(f"[bold]{spec.name}[/bold]")
+        result = run_campaign(spec, out / f"{name}.db", base_dir=out / "specs", workers=workers)
+        console.print(f"  {result.ran} trials run, {result.skipped} resumed, {result.failed} failed")
+        frames.append(load_results(out / f"{name}.db"))
+    report = write_report(
+        pd.concat(frames, ignore_index=True), out / "report", title=f"pytei reproduce --preset {preset}"
+    )
+    console.print(f"report: {report} and {report.with_suffix('.html')}")
+    return report
