@@ -3,6 +3,7 @@ faults before they land (``pytei.inject(..., protect=...)``)."""
 
 from .base import Mitigation, hidden_linears, mitigate
 from .clip import ClipActivations
+from .ecc import ECC
 from .protect import ProtectBits
 
-__all__ = ["ClipActivations", "Mitigation", "ProtectBits", "hidden_linears", "mitigate"]
+__all__ = ["ClipActivations", "ECC", "Mitigation", "ProtectBits", "hidden_linears", "mitigate"]
