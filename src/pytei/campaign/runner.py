@@ -28,7 +28,7 @@ from .. import metrics, models
 from ..checkpoint import load_checkpoint
 from ..demo import parameter_digest
 from ..injector import Injector, Protection
-from ..mitigation import ClipActivations, Mitigation, mitigate
+from ..mitigation import ABFT, ECC, ClipActivations, Mitigation, ProtectBits, mitigate
 from .plan import Trial, build_error
 from .store import TrialRow
 
@@ -193,8 +193,6 @@ class ModelRunner:
         return self._mitigations[name]
 
     def _build_mitigation(self, name: str) -> tuple[Mitigation | None, Protection | None]:
-        from .. import mitigation as M
-
         if name == "none":
             return None, None
         if name == "clip":
@@ -204,11 +202,11 @@ class ModelRunner:
         if name == "clip-profiled":
             return ClipActivations.profile(self.model, self.ev.calibration), None
         if name == "protect-bits":
-            return None, M.ProtectBits()
+            return None, ProtectBits()
         if name == "ecc":
-            return None, M.ECC()
+            return None, ECC()
         if name == "abft":
-            abft = M.ABFT()
+            abft = ABFT()
             abft.calibrate(self.model, self.ev.calibration)
             return abft, None
         raise ValueError(f"unknown mitigation {name!r}")

@@ -1,9 +1,19 @@
 """Mitigations: compute-side ones wrap a model (``pytei.mitigate``), memory-side ones filter
 faults before they land (``pytei.inject(..., protect=...)``)."""
 
+from .abft import ABFT, ABFTError
 from .base import Mitigation, hidden_linears, mitigate
 from .clip import ClipActivations
 from .ecc import ECC
 from .protect import ProtectBits
 
-__all__ = ["ClipActivations", "ECC", "Mitigation", "ProtectBits", "hidden_linears", "mitigate"]
+__all__ = [
+    "ABFT",
+    "ABFTError",
+    "ClipActivations",
+    "ECC",
+    "Mitigation",
+    "ProtectBits",
+    "hidden_linears",
+    "mitigate",
+]
