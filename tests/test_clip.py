@@ -10,7 +10,7 @@ import pytei
 from pytei import BitFlip
 from pytei.metrics import rmse
 from pytei.mitigation import mitigate
-from pytei.mitigation.clip import ClipActivations
+from pytei.mitigation.clip import ClipActivations, zero_outside
 from pytei.models import create, dummy_inputs
 
 
@@ -52,6 +52,18 @@ def test_zero_is_eq1():
     with mitigate(m, ClipActivations(-6, 6, mode="zero")):
         m(torch.zeros(1, VALUES.numel() + 1))
     assert m.seen[-1][0].tolist() == [0.0, -6.0, -1.0, 0.0, 2.5, 6.0, 0.0, 0.0, 0.0, 0.0]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize(("lo", "hi"), [(-6.0, 6.0), (-2.5, 7.25), (0.5, 3.0), (-9.0, -1.0)])
+def test_zero_outside_matches_the_mask_definition(dtype, lo, hi):
+    gen = torch.Generator().manual_seed(0)
+    specials = torch.tensor([lo, hi, -0.0, float("nan"), float("inf"), float("-inf"), 1e30, -1e30])
+    y = torch.cat([torch.randn(5000, generator=gen) * 8, specials]).to(dtype)
+    want = torch.where((y >= lo) & (y <= hi), y, torch.zeros((), dtype=dtype))
+    got = zero_outside(y, lo, hi)
+    assert got.dtype == dtype
+    assert torch.equal(got, want)
 
 
 def test_default_layers_skip_the_output_layer():

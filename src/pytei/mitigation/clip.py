@@ -15,6 +15,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .base import Mitigation, hidden_linears
@@ -118,11 +119,8 @@ class ClipActivations(Mitigation):
         zero_mode = self.mode == "zero"
 
         def hook(module, inputs, output: torch.Tensor) -> torch.Tensor:
-            if zero_mode:  # Eq. (1): out-of-range (and NaN, whose comparisons fail) -> 0
-                inside = (output >= lo) & (output <= hi)
-                clipped = torch.where(
-                    inside, output, torch.zeros((), dtype=output.dtype, device=output.device)
-                )
+            if zero_mode:  # Eq. (1): out-of-range, NaN and Inf -> 0
+                clipped = zero_outside(output, lo, hi)
             else:  # Eq. (2): saturate at the bounds; NaN -> 0
                 clipped = torch.nan_to_num(output, nan=0.0).clamp_(lo, hi)
             if self.count:
@@ -144,3 +142,17 @@ class ClipActivations(Mitigation):
             "clipped": sum(self._clipped.values()),
             "per_layer": dict(self._clipped),
         }
+
+
+def zero_outside(y: torch.Tensor, lo: float, hi: float) -> torch.Tensor:
+    """``y`` where ``lo <= y <= hi``, else 0 (also for NaN and +-Inf): the paper's Eq. (1).
+
+    Built from float-only kernels: on CPUs, comparison masks and ``torch.where`` cost several
+    times a ``clamp``. Subtracting the out-of-range part leaves in-range values exact and
+    out-of-range ones exactly 0; an Inf or NaN turns into NaN, which ``nan_to_num_`` zeroes.
+    """
+    if lo == -hi:  # hardshrink(y, h) is y where |y| > h, else 0
+        return (y - F.hardshrink(y, hi)).nan_to_num_(nan=0.0)
+    out = y - F.threshold(y, hi, 0.0)  # threshold(y, t, 0) is y where y > t, else 0
+    out -= F.threshold(y.neg(), -lo, 0.0).neg_()
+    return out.nan_to_num_(nan=0.0)
