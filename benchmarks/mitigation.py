@@ -4,9 +4,10 @@ Compute-side (clipping, ABFT): inference time of DCN and DLRM on a batch of 4096
 mitigation attached vs none: each round times every setup, back to back, then again in reverse
 order, and the ratio reported is the median over runs of each run's time / the unmitigated time at
 the same position of its round (paired and ABBA-ordered, so the machine's speed drifting, common on
-shared VMs, cancels out). Run it a few times: a 2-core VM still moves single ratios by ~0.1. Memory-side (selective bit
-protection, ECC): their storage overhead, and the time of inject + restore with the protection
-vs without at a given BER (the emulation cost; real hardware pays only the storage).
+shared VMs, cancels out). Run it a few times: a 2-core VM still moves single ratios by ~0.1.
+Memory-side (selective bit protection, ECC): their storage overhead, and the time of
+inject + restore with the protection vs without at a given BER (the emulation cost; real
+hardware pays only the storage).
 
     python benchmarks/mitigation.py [--repeats 50] [--batch 4096]
 

@@ -325,3 +325,28 @@ def test_varying_error_settings_name_the_lines(tmp_path: Path) -> None:
     assert "\n| movielens-1m | dcn (site=activations) | 1e-06 | 3 |" in md
     assert "\n| movielens-1m | fm (site=weights) | 1e-06 | 3 |" in md
     assert "| dcn (site=weights) | movielens-1m | all | none | 0.8 | 0.792 | 1e-05 | 6.31e-06 |" in md
+
+
+def test_mitigation_activity_means_the_stored_counters() -> None:
+    from pytei.report import mitigation_activity
+
+    rows = pd.DataFrame(
+        {
+            "mitigation": ["abft", "abft", "ecc", "none", "clip"],
+            "rate": [1e-4, 1e-4, 1e-4, 1e-4, 1e-4],
+            "extra": [
+                '{"detected": 10, "reexecutions": 3, "recovered": 0, "unrecoverable": 10, "false_alarms": 0}',
+                '{"detected": 20, "reexecutions": 3, "recovered": 4, "unrecoverable": 16, "false_alarms": 0}',
+                '{"words_with_errors": 5, "corrected": 4, "detected": 1, "miscorrected": 0, "undetected": 0}',
+                "{}",
+                '{"layers": 2}',
+            ],
+        }
+    )
+    table = mitigation_activity(rows)
+    assert table["mitigation"].tolist() == ["abft", "ecc"]  # none and clip keep no counters
+    abft = table.iloc[0]
+    assert abft["trials"] == "2"
+    want = "detected 15, reexecutions 3, recovered 2, unrecoverable 13, false alarms 0"
+    assert abft["mean per trial"] == want
+    assert table.iloc[1]["mean per trial"].startswith("words with errors 5, corrected 4, detected 1")

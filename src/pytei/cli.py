@@ -38,7 +38,7 @@ def _cmd_train(args: argparse.Namespace, console: Console) -> None:
     from . import models
     from .checkpoint import save_checkpoint
     from .data import load
-    from .train import TrainConfig, fit
+    from .train import TrainConfig, build, fit
 
     options = json.loads(args.data_options) if args.data_options else {}
     cls = models.get(args.model)
@@ -48,7 +48,6 @@ def _cmd_train(args: argparse.Namespace, console: Console) -> None:
         f"{len(data.field_dims)} fields"
     )
     config = json.loads(args.model_config) if args.model_config else {}
-    model = models.create(args.model, field_dims=data.field_dims, **_dense_kw(cls, data), **config)
     train_cfg = TrainConfig(
         lr=args.lr,
         batch_size=args.batch_size,
@@ -57,6 +56,7 @@ def _cmd_train(args: argparse.Namespace, console: Console) -> None:
         seed=args.seed,
         device=args.device,
     )
+    model = build(args.model, train_cfg, field_dims=data.field_dims, **_dense_kw(cls, data), **config)
     result = fit(model, data, train_cfg)
     out = save_checkpoint(
         args.out, result.model, data, data_dir=args.data_dir, data_options=options, scores=result.summary()

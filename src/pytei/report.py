@@ -781,6 +781,59 @@ def _section_mitigations(doc: _Doc, ok: pd.DataFrame) -> None:
         doc.image(path, f"AUC vs BER per mitigation, {what}.")
         cols = {"dataset": "data set", "series": "model", "mitigation": "mitigation", **_LINE_COLUMNS}
         doc.table(_table(points, cols), f"Mitigation points: {what}")
+    activity = mitigation_activity(rows)
+    if not activity.empty:
+        doc.text(
+            "What each mitigation did, as the mean per trial over models and targets at each BER. ABFT: "
+            "output rows that failed their checksum, re-executions, rows recovered by one, rows still "
+            "failing after every retry (corrupted weights fail on every re-execution) and false alarms "
+            "on clean data. ECC: 64-bit words hit, corrected, detected uncorrectable, "
+            "miscorrected (silently wrong) and undetected. Bit protection: bit flips blocked and passed."
+        )
+        doc.table(activity, "Mitigation activity (mean per trial)")
+
+
+#: Counters each mitigation stores in a trial's ``extra``, in the order they are shown.
+ACTIVITY_COUNTERS = {
+    "abft": ("detected", "reexecutions", "recovered", "unrecoverable", "false_alarms"),
+    "ecc": ("words_with_errors", "corrected", "detected", "miscorrected", "undetected"),
+    "protect-bits": ("blocked_bits", "passed_bits"),
+}
+
+
+def mitigation_activity(rows: pd.DataFrame) -> pd.DataFrame:
+    """Per mitigation and BER, the mean per trial of each counter in ``ACTIVITY_COUNTERS``."""
+    out = []
+    for (mitigation, rate), group in rows.groupby(["mitigation", "rate"], sort=True):
+        names = ACTIVITY_COUNTERS.get(mitigation)
+        if names is None:
+            continue
+        extra = pd.DataFrame([_extra(v) for v in group["extra"]], index=group.index)
+        present = [n for n in names if n in extra]
+        if not present:
+            continue
+        means = extra[present].apply(pd.to_numeric, errors="coerce").mean()
+        cells = ", ".join(f"{n.replace('_', ' ')} {_fmt(means[n])}" for n in present)
+        out.append(
+            {
+                "mitigation": mitigation,
+                "BER": _fmt_rate(rate),
+                "trials": str(len(group)),
+                "mean per trial": cells,
+            }
+        )
+    return pd.DataFrame(out, columns=["mitigation", "BER", "trials", "mean per trial"])
+
+
+def _extra(value: Any) -> dict:
+    """A trial's ``extra`` column as a dict (stored as JSON text)."""
+    if isinstance(value, dict):
+        return value
+    try:
+        parsed = json.loads(value) if isinstance(value, str) and value else {}
+    except json.JSONDecodeError:
+        return {}
+    return parsed if isinstance(parsed, dict) else {}
 
 
 def _drop_points(rows: pd.DataFrame, keys: Sequence[str]) -> pd.DataFrame:

@@ -29,7 +29,7 @@ from .checkpoint import load_checkpoint, save_checkpoint
 from .data import load as load_data
 from .report import write_report
 from .results import load as load_results
-from .train import TrainConfig, fit
+from .train import TrainConfig, build, fit
 
 __all__ = ["PRESETS", "Preset", "reproduce", "find_datasets"]
 
@@ -63,11 +63,11 @@ PRESETS = {
         dummy_hidden=(64, 128, 256, 512),
         dummy_embed=(64, 128, 256, 512),
         dummy_bers=(1e-8, 1e-5),
-        dummy_samples=512,
+        dummy_samples=1024,
         ctr_bers=(1e-7, 1e-2),
-        runs=3,
-        test_rows=4000,
-        mitigations=("none", "clip", "protect-bits", "abft", "ecc"),
+        runs=5,
+        test_rows=10_000,
+        mitigations=("none", "clip", "clip-profiled", "protect-bits", "abft", "ecc"),
         train=TrainConfig(lr=3e-3, max_epochs=8, patience=2),
         synthetic_rows=100_000,
         sensitivity_ber=1e-3,
@@ -80,7 +80,7 @@ PRESETS = {
         ctr_bers=(1e-9, 1e-2),
         runs=10,
         test_rows=0,
-        mitigations=("none", "clip", "protect-bits", "abft", "ecc"),
+        mitigations=("none", "clip", "clip-profiled", "protect-bits", "abft", "ecc"),
         train=TrainConfig(),
         synthetic_rows=200_000,
         sensitivity_ber=1e-3,
@@ -129,7 +129,7 @@ def _checkpoint(
     options = {"n_rows": preset.synthetic_rows} if dataset == "synthetic-ctr" else {}
     data = load_data(dataset, data_dir, layout=cls.input_layout, **options)
     console.print(f"training {model} on {dataset} ({len(data.train):,} rows)")
-    result = fit(models.create(model, field_dims=data.field_dims), data, preset.train)
+    result = fit(build(model, preset.train, field_dims=data.field_dims), data, preset.train)
     save_checkpoint(
         path, result.model, data, data_dir=data_dir, data_options=options, scores=result.summary()
     )

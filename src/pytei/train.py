@@ -2,7 +2,8 @@
 
 As in the paper (Sec. 6.1, pytorch-fm defaults): Adam (lr 1e-3, weight decay 1e-6), batch 2048
 reshuffled every epoch from a seeded generator, BCE on logits; stop once validation AUC has not
-improved for ``patience`` epochs, reload the best epoch and report *its* test AUC.
+improved for ``patience`` epochs, reload the best epoch and report *its* test AUC. With ``build``
+for the initial weights, the whole run is a function of ``TrainConfig.seed`` (dropout included).
 """
 
 from __future__ import annotations
@@ -14,11 +15,11 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import nn
 
-from . import metrics
+from . import metrics, models
 from .data import CTRDataset, Split
 from .progress import progress_bar
 
-__all__ = ["TrainConfig", "TrainResult", "fit", "predict"]
+__all__ = ["TrainConfig", "TrainResult", "build", "fit", "predict"]
 
 
 @dataclass(frozen=True)
@@ -77,6 +78,20 @@ def predict(
     return torch.cat(out) if out else torch.empty(0)
 
 
+def _rng_devices(device: str) -> list[int]:
+    """CUDA devices whose RNG a seeded run must fork (none for CPU training)."""
+    dev = torch.device(device)
+    return [dev.index or 0] if dev.type == "cuda" else []
+
+
+def build(name: str, config: TrainConfig, **model_config) -> nn.Module:
+    """A new ``name`` model with weights initialised from ``config.seed`` (the global RNG is left
+    as it was): the same seed gives the same initial model in every process."""
+    with torch.random.fork_rng(devices=_rng_devices(config.device)):
+        torch.manual_seed(config.seed)
+        return models.create(name, **model_config)
+
+
 def fit(
     model: nn.Module, data: CTRDataset, config: TrainConfig | None = None, *, progress: bool = True
 ) -> TrainResult:
@@ -89,7 +104,9 @@ def fit(
     best_auc, best_epoch, best_state, stale = -math.inf, -1, None, 0
     history: list[dict] = []
     n_batches = math.ceil(len(data.train) / config.batch_size)
-    with progress_bar(enabled=progress) as bar:
+    # Dropout draws from the global RNG: seed a fork of it so training is repeatable.
+    with torch.random.fork_rng(devices=_rng_devices(config.device)), progress_bar(enabled=progress) as bar:
+        torch.manual_seed(config.seed)
         for epoch in range(config.max_epochs):
             task = bar.add_task(f"epoch {epoch}", total=n_batches)
             model.train()

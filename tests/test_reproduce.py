@@ -1,0 +1,99 @@
+"""``pytei reproduce``: the quick preset end to end at a tiny size, and its resumption."""
+
+import io
+import re
+import struct
+from contextlib import redirect_stdout
+from dataclasses import replace
+
+import pytest
+
+from pytei import reproduce as rp
+from pytei.cli import main
+from pytei.results import load
+from pytei.train import TrainConfig
+
+TINY = replace(
+    rp.PRESETS["quick"],
+    dummy_hidden=(64,),
+    dummy_embed=(64, 128),
+    dummy_bers=(1e-5, 1e-5),
+    dummy_samples=64,
+    ctr_bers=(1e-4, 1e-3),
+    runs=1,
+    test_rows=300,
+    train=TrainConfig(lr=3e-3, max_epochs=1, patience=1, batch_size=512),
+    synthetic_rows=2000,
+)
+STUDIES = ("dummy", "ctr", "bits", "layers")
+
+
+def run_quick(out) -> str:
+    """``pytei reproduce --preset quick`` at the tiny size; returns what it printed."""
+    buffer = io.StringIO()
+    with pytest.MonkeyPatch.context() as mp, redirect_stdout(buffer):
+        mp.setitem(rp.PRESETS, "quick", TINY)
+        code = main(["reproduce", "--preset", "quick", "--out", str(out)])
+    assert code == 0, buffer.getvalue()
+    return buffer.getvalue()
+
+
+def png_size(path) -> tuple[int, int]:
+    data = path.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n", f"{path} is not a PNG"
+    return struct.unpack(">II", data[16:24])
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("reproduce")
+    return out / "quick", run_quick(out)
+
+
+def test_quick_preset_runs_every_study_and_mitigation(quick_run):
+    root, _ = quick_run
+    for model in rp.CTR_MODELS:
+        assert (root / "checkpoints" / f"{model}-synthetic-ctr" / "model.safetensors").is_file()
+    frames = {name: load(root / f"{name}.db") for name in STUDIES}
+    assert all((df.status == "ok").all() for df in frames.values()), {
+        n: df.loc[df.status != "ok", "error_message"].unique().tolist() for n, df in frames.items()
+    }
+    dummy = frames["dummy"]
+    # Table 1 grid at this size: depth 2 x hidden 1 x embed 2 x sparsity 2, 3 targets, 1 BER, 1 run
+    assert len(dummy) == 2 * 1 * 2 * 2 * 3
+    ctr = frames["ctr"]
+    assert set(ctr.mitigation) == {"none", "clip", "clip-profiled", "protect-bits", "abft", "ecc"}
+    assert set(ctr.model_label) == set(rp.CTR_MODELS)
+    assert set(ctr.rate) == {1e-4, 1e-3}
+    assert len(ctr) == 5 * 3 * 2 * 6  # models x targets x BERs x mitigations (1 run)
+    assert ctr.auc.between(0, 1).all() and ctr.baseline_auc.between(0, 1).all()
+    # paired comparisons: every mitigation of a point saw the same seed
+    assert ctr.groupby(["model", "target", "rate"]).seed.nunique().eq(1).all()
+    assert frames["bits"].bits.nunique() == 32
+    assert frames["layers"].target.nunique() > 5
+
+
+def test_quick_preset_writes_the_report(quick_run):
+    root, output = quick_run
+    report = root / "report" / "report.md"
+    assert report.is_file() and (root / "report" / "report.html").is_file()
+    assert str(report) in output.replace("\n", "")
+    text = report.read_text()
+    for section in ("RMSE", "AUC", "Mitigation", "bit", "layer", "failure BER"):
+        assert section.lower() in text.lower(), section
+    pngs = sorted((root / "report").glob("*.png"))
+    assert len(pngs) >= 5
+    for png in pngs:
+        width, height = png_size(png)
+        assert width > 100 and height > 100
+
+
+def test_rerun_resumes_without_repeating(quick_run):
+    root, _ = quick_run
+    before = {name: load(root / f"{name}.db") for name in STUDIES}
+    output = run_quick(root.parent)
+    assert "training" not in output  # checkpoints are reused
+    assert re.findall(r"(\d+) trials run", output) == ["0"] * len(STUDIES)
+    for name, df in before.items():
+        after = load(root / f"{name}.db")
+        assert sorted(after.trial_id) == sorted(df.trial_id)
