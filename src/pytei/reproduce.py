@@ -2,8 +2,8 @@
 
 Presets:
 
-* ``quick`` (the README's main job, ~10 minutes on 2 CPU cores): the dummy-model study of Table 1
-  (every hyper-parameter of the grid, BER 1e-8..1e-5, 3 runs) and the five CTR models trained on
+* ``quick`` (the README's main job, ~3 minutes on 2 CPU cores): the dummy-model study of Table 1
+  (every hyper-parameter of the grid, BER 1e-8..1e-5, 5 runs) and the five CTR models trained on
   the synthetic CTR data set, swept over BER 1e-7..1e-2 and three targets with every mitigation,
   plus per-bit sensitivity and per-layer vulnerability studies.
 * ``paper``: the full grid (Table 1 at BER 1e-9..1e-2 with 10 runs; fm, dfm, afm, dcn, wd on every
