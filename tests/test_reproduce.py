@@ -10,6 +10,7 @@ import pytest
 
 from pytei import reproduce as rp
 from pytei.cli import main
+from pytei.data.synthetic import write_criteo, write_movielens
 from pytei.results import load
 from pytei.train import TrainConfig
 
@@ -97,3 +98,42 @@ def test_rerun_resumes_without_repeating(quick_run):
     for name, df in before.items():
         after = load(root / f"{name}.db")
         assert sorted(after.trial_id) == sorted(df.trial_id)
+
+
+def test_find_datasets_looks_in_the_folder_and_its_usual_subfolders(tmp_path):
+    assert rp.find_datasets(None) == {} and rp.find_datasets(tmp_path) == {}
+    write_movielens(tmp_path / "ml-1m", "1m")
+    write_movielens(tmp_path, "20m")
+    write_criteo(tmp_path / "dac" / "train.txt", 10)
+    assert rp.find_datasets(tmp_path) == {
+        "movielens-1m": tmp_path / "ml-1m",
+        "movielens-20m": tmp_path,
+        "criteo": tmp_path / "dac",
+    }
+
+
+def test_paper_preset_trains_and_sweeps_the_data_sets_it_finds(tmp_path):
+    """``--preset paper --data-dir`` on MovieLens-1M and Criteo files in their real formats."""
+    data_dir = tmp_path / "data"
+    write_movielens(data_dir / "ml-1m", "1m", n_ratings=3000)
+    write_criteo(data_dir / "criteo" / "train.txt", 3000)
+    tiny = replace(
+        TINY, dummy_embed=(64,), dummy_bers=(1e-5, 1e-5), ctr_bers=(1e-3, 1e-3), mitigations=("none", "abft")
+    )
+    tiny = replace(tiny, test_rows=rp.PRESETS["paper"].test_rows)  # the paper preset scores every test row
+    buffer = io.StringIO()
+    with pytest.MonkeyPatch.context() as mp, redirect_stdout(buffer):
+        mp.setitem(rp.PRESETS, "paper", tiny)
+        code = main(
+            ["reproduce", "--preset", "paper", "--out", str(tmp_path / "out"), "--data-dir", str(data_dir)]
+        )
+    assert code == 0, buffer.getvalue()
+    root = tmp_path / "out" / "paper"
+    for dataset in ("movielens-1m", "criteo"):
+        for model in rp.CTR_MODELS:
+            assert (root / "checkpoints" / f"{model}-{dataset}" / "model.safetensors").is_file()
+    ctr = load(root / "ctr.db")
+    assert (ctr.status == "ok").all()
+    assert set(ctr.dataset) == {"movielens-1m", "criteo"}
+    assert len(ctr) == 2 * 5 * 3 * 2  # data sets x models x targets x mitigations (1 BER, 1 run)
+    assert (root / "report" / "report.md").is_file()
