@@ -29,14 +29,19 @@ TINY = replace(
 STUDIES = ("dummy", "ctr", "bits", "layers")
 
 
-def run_quick(out) -> str:
-    """``pytei reproduce --preset quick`` at the tiny size; returns what it printed."""
+def run_preset(name: str, preset: rp.Preset, out, *args: str) -> str:
+    """``pytei reproduce --preset NAME`` with that preset's sizes replaced; returns what it printed."""
     buffer = io.StringIO()
     with pytest.MonkeyPatch.context() as mp, redirect_stdout(buffer):
-        mp.setitem(rp.PRESETS, "quick", TINY)
-        code = main(["reproduce", "--preset", "quick", "--out", str(out)])
+        mp.setitem(rp.PRESETS, name, preset)
+        code = main(["reproduce", "--preset", name, "--out", str(out), *args])
     assert code == 0, buffer.getvalue()
     return buffer.getvalue()
+
+
+def run_quick(out) -> str:
+    """``pytei reproduce --preset quick`` at the tiny size; returns what it printed."""
+    return run_preset("quick", TINY, out)
 
 
 def png_size(path) -> tuple[int, int]:
@@ -118,16 +123,13 @@ def test_paper_preset_trains_and_sweeps_the_data_sets_it_finds(tmp_path):
     write_movielens(data_dir / "ml-1m", "1m", n_ratings=3000)
     write_criteo(data_dir / "criteo" / "train.txt", 3000)
     tiny = replace(
-        TINY, dummy_embed=(64,), dummy_bers=(1e-5, 1e-5), ctr_bers=(1e-3, 1e-3), mitigations=("none", "abft")
+        TINY,
+        dummy_embed=(64,),
+        ctr_bers=(1e-3, 1e-3),
+        mitigations=("none", "abft"),
+        test_rows=rp.PRESETS["paper"].test_rows,  # the paper preset scores every test row
     )
-    tiny = replace(tiny, test_rows=rp.PRESETS["paper"].test_rows)  # the paper preset scores every test row
-    buffer = io.StringIO()
-    with pytest.MonkeyPatch.context() as mp, redirect_stdout(buffer):
-        mp.setitem(rp.PRESETS, "paper", tiny)
-        code = main(
-            ["reproduce", "--preset", "paper", "--out", str(tmp_path / "out"), "--data-dir", str(data_dir)]
-        )
-    assert code == 0, buffer.getvalue()
+    run_preset("paper", tiny, tmp_path / "out", "--data-dir", str(data_dir))
     root = tmp_path / "out" / "paper"
     for dataset in ("movielens-1m", "criteo"):
         for model in rp.CTR_MODELS:
