@@ -61,7 +61,7 @@ def test_train_describe_inject_on_movielens_files(tmp_path):
 )
 def test_bad_input_is_a_clear_error(args, message, capsys):
     assert main(args) == 2
-    assert message in " ".join(capsys.readouterr().out.split())
+    assert message in " ".join(capsys.readouterr().err.split())  # errors go to stderr
 
 
 def test_bad_ber_from_cli(tmp_path, capsys):
@@ -86,4 +86,4 @@ def test_bad_ber_from_cli(tmp_path, capsys):
     )
     capsys.readouterr()
     assert main(["inject", str(tmp_path / "c"), "--ber", "1.5"]) == 2
-    assert "BitFlip ber must be in [0, 1], got 1.5" in capsys.readouterr().out
+    assert "BitFlip ber must be in [0, 1], got 1.5" in capsys.readouterr().err

@@ -115,6 +115,17 @@ def test_find_datasets_looks_in_the_folder_and_its_usual_subfolders(tmp_path):
         "movielens-20m": tmp_path,
         "criteo": tmp_path / "dac",
     }
+    with pytest.raises(FileNotFoundError, match="no-such-dir"):
+        rp.find_datasets(tmp_path / "no-such-dir")
+
+
+def test_paper_preset_refuses_a_missing_data_dir(tmp_path, capsys):
+    assert (
+        main(["reproduce", "--preset", "paper", "--out", str(tmp_path / "out"), "--data-dir", "/no/such/dir"])
+        != 0
+    )
+    assert "/no/such/dir" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()  # refused before anything was written
 
 
 def test_paper_preset_trains_and_sweeps_the_data_sets_it_finds(tmp_path):

@@ -264,10 +264,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args.func(args, console)
     except (ValueError, TypeError, FileNotFoundError, RuntimeError) as err:
-        console.print(f"[red]error:[/red] {err}")
+        Console(stderr=True).print(f"[red]error:[/red] {err}")
         return 2
     except KeyboardInterrupt:
-        console.print("[yellow]interrupted[/yellow]")
+        Console(stderr=True).print("[yellow]interrupted[/yellow]")
         return 130
     return 0
 

@@ -92,10 +92,13 @@ _DATA_FILES = {"movielens-1m": "ratings.dat", "movielens-20m": "ratings.csv", "c
 
 
 def find_datasets(data_dir: str | Path | None) -> dict[str, Path]:
-    """The paper's data sets present under ``data_dir`` (directly or in ml-1m/, ml-20m/, criteo/)."""
+    """The paper's data sets present under ``data_dir`` (directly or in ml-1m/, ml-20m/, criteo/);
+    a ``data_dir`` that is not a directory is an error, not an empty result."""
     if data_dir is None:
         return {}
     root = Path(data_dir).expanduser()
+    if not root.is_dir():
+        raise FileNotFoundError(f"data directory {str(data_dir)!r} does not exist or is not a directory")
     subdirs = {
         "movielens-1m": ("ml-1m", "movielens-1m"),
         "movielens-20m": ("ml-20m", "movielens-20m"),
@@ -223,8 +226,8 @@ def reproduce(
     console = console or Console()
     cfg = PRESETS[preset]
     out = Path(out).expanduser().resolve() / preset
-    (out / "specs").mkdir(parents=True, exist_ok=True)
     datasets = find_datasets(data_dir) if preset == "paper" else {}
+    (out / "specs").mkdir(parents=True, exist_ok=True)
     if preset == "paper" and not datasets:
         console.print(
             f"[yellow]no data set found in {data_dir}; the CTR models use the synthetic CTR data set "
