@@ -260,14 +260,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    console = Console()
+    console, stderr = Console(), Console(stderr=True)
     try:
         args.func(args, console)
     except (ValueError, TypeError, FileNotFoundError, RuntimeError) as err:
-        Console(stderr=True).print(f"[red]error:[/red] {err}")
+        stderr.print(f"[red]error:[/red] {err}")
         return 2
     except KeyboardInterrupt:
-        Console(stderr=True).print("[yellow]interrupted[/yellow]")
+        stderr.print("[yellow]interrupted[/yellow]")
         return 130
     return 0
 
