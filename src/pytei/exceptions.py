@@ -1,0 +1,15 @@
+"""User-facing errors: one base class, so callers (and the CLI) can tell a user's mistake from a bug.
+
+Every error pytei raises for bad input (a spec, a data file, a checkpoint, a detected fault) derives
+from :class:`PyteiError`. The CLI prints a ``PyteiError`` as one line with exit code 2; any other
+exception is a genuine bug and shows its traceback. Subclasses also derive from the builtin class
+that fits (``ValueError``, ``RuntimeError``), so ``except ValueError`` keeps working.
+"""
+
+from __future__ import annotations
+
+__all__ = ["PyteiError"]
+
+
+class PyteiError(Exception):
+    """Base of every error pytei raises for bad input or a detected fault (not for its own bugs)."""
