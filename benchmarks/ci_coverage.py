@@ -96,9 +96,7 @@ def bootstrap_intervals(samples: NDArray[np.float64], level: float, seed: int) -
     return np.stack([res.confidence_interval.low, res.confidence_interval.high], axis=-1)
 
 
-def coverage(
-    mixture: Mixture, n: int, reps: int, level: float, seed: int
-) -> dict[str, tuple[float, float]]:
+def coverage(mixture: Mixture, n: int, reps: int, level: float, seed: int) -> dict[str, tuple[float, float]]:
     """(coverage, median width) of each method on ``reps`` samples of ``n`` runs of ``mixture``."""
     samples = mixture.draw(np.random.default_rng(seed), reps, n)
     found = {

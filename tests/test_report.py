@@ -12,7 +12,7 @@ import numpy as np
 import pandas as pd
 import pytest
 from PIL import Image
-from scipy import stats
+from scipy import special
 
 from pytei.report import failure_ber, ranked_median, summarize, write_report
 
@@ -29,6 +29,10 @@ def _row(**values) -> dict:
     row = {
         "trial_id": None,
         "target": "all",
+        "kind": "component",
+        "architecture": "",
+        "model_config": None,
+        **{c: math.nan for c in CONFIG_COLUMNS},
         "params": "all",
         "site": "weights",
         "error_model": "BitFlip",
@@ -58,6 +62,17 @@ def _row(**values) -> dict:
     return row
 
 
+CONFIG_COLUMNS = (
+    "cfg_mlp_depth",
+    "cfg_mlp_hidden",
+    "cfg_embed_dim",
+    "cfg_dense_dim",
+    "cfg_sparse_dim",
+    "cfg_sparsity",
+    "cfg_samples",
+)
+
+
 def _dummy_rmse(target: str, rate: float, hidden: int, embed: int, run: int) -> float:
     if (target, rate, hidden, embed) == ("all", 1e-6, 128, 256):
         return (math.inf, math.inf, 1.0)[run]  # -> "inf"
@@ -74,22 +89,36 @@ def dummy_rows() -> list[dict]:
     rows = []
     for hidden in (64, 128):
         for embed in (64, 256):
-            key = f"dummy:depth=1,hidden={hidden},embed={embed},sparsity=0.01,samples=256"
             for rate in (1e-7, 1e-6):
                 for target in ("all", "mlp"):
                     for run in range(3):
                         rmse = _dummy_rmse(target, rate, hidden, embed, run)
-                        rows.append(_dummy(key, target, rate, run, rmse))
-    key = "dummy:depth=1,hidden=64,embed=64,sparsity=0.01,samples=256"
+                        rows.append(_dummy(hidden, embed, target, rate, run, rmse))
     for bit, rmse in ((30, math.inf), (10, 0.02), (0, 0.0)):
-        rows += [_dummy(key, "all", 1e-5, run, rmse, bits=f"[{bit}]") for run in range(3)]
+        rows += [_dummy(64, 64, "all", 1e-5, run, rmse, bits=f"[{bit}]", kind="bits") for run in range(3)]
     return rows
 
 
-def _dummy(key: str, target: str, rate: float, run: int, rmse: float, **extra) -> dict:
+def dummy_config(hidden: int, embed: int) -> dict:
+    """The cfg_* columns results.load gives a dummy model (and its model_config)."""
+    config = {"mlp_depth": 1, "mlp_hidden": hidden, "embed_dim": embed, "dense_dim": 13, "sparse_dim": 26}
+    config |= {"sparsity": 0.01, "samples": 256}
+    columns = {f"cfg_{k}": float(v) for k, v in config.items()}
+    return {"model_config": config, "architecture": "dummy", **columns}
+
+
+def _dummy(hidden: int, embed: int, target: str, rate: float, run: int, rmse: float, **extra) -> dict:
+    key = f"dummy:depth=1,hidden={hidden},embed={embed},sparsity=0.01,samples=256"
     data = "synthetic (sparsity 0.01)"
     return _row(
-        model=key, model_label="dummy", dataset=data, target=target, rate=rate, run=run, rmse=rmse, **extra
+        model=key,
+        model_label="dummy",
+        dataset=data,
+        target=target,
+        rate=rate,
+        run=run,
+        rmse=rmse,
+        **{**dummy_config(hidden, embed), **extra},
     )
 
 
@@ -114,13 +143,12 @@ def labelled_rows() -> list[dict]:
                         for run in range(3)
                     ]
     for bit, drop in ((30, 0.3), (23, 0.05), (0, 0.0)):
-        rows += [_labelled(DCN, "dcn", "all", 1e-5, run, 0.8 - drop, bits=f"[{bit}]") for run in range(3)]
+        bits = {"bits": f"[{bit}]", "kind": "bits"}
+        rows += [_labelled(DCN, "dcn", "all", 1e-5, run, 0.8 - drop, **bits) for run in range(3)]
     for param, drop in (("mlp.0.weight", 0.2), ("mlp.0.bias", 0.01), ("embedding.weight", 0.05)):
         for rate in (1e-5, 1e-4):
-            rows += [
-                _labelled(DCN, "dcn", param, rate, run, 0.8 - drop * math.log10(rate / 1e-6))
-                for run in range(3)
-            ]
+            auc = 0.8 - drop * math.log10(rate / 1e-6)
+            rows += [_labelled(DCN, "dcn", param, rate, run, auc, kind="parameter") for run in range(3)]
     return rows
 
 
@@ -128,12 +156,15 @@ def _labelled(model: str, label: str, target: str, rate: float, run: int, auc: f
     return _row(
         model=model,
         model_label=label,
+        architecture=label,
         dataset="movielens-1m",
         target=target,
         rate=rate,
         run=run,
         auc=auc,
         baseline_auc=BASE_AUC[model],
+        invalid_frac=rate * 100,  # 1e-4 -> 1 % of outputs invalid
+        logloss=0.6 + BASE_AUC[model] - auc,
         **extra,
     )
 
@@ -159,8 +190,9 @@ def report(campaign: pd.DataFrame, tmp_path_factory: pytest.TempPathFactory) -> 
     return write_report(campaign, tmp_path_factory.mktemp("report"), title="unit campaign")
 
 
+HEATMAP_PNG = "fig1-rmse-dense-dim=13-mlp-depth=1-samples=256-sparse-dim=26-sparsity=0.01.png"
 EXPECTED_PNGS = {
-    "fig1-rmse-depth=1-samples=256-sparsity=0.01.png",
+    HEATMAP_PNG,
     "fig2-auc-vs-ber-all.png",
     "fig2-auc-vs-ber-mlp.png",
     "fig2-auc-vs-ber-embedding.png",
@@ -169,6 +201,7 @@ EXPECTED_PNGS = {
     "fig3-mitigation-embedding.png",
     "fig4-per-bit.png",
     "fig5-per-layer-dcn-movielens-1m.png",
+    "fig6-invalid-labelled.png",
 }
 HEADINGS = (
     "# pytei report: unit campaign",
@@ -178,7 +211,8 @@ HEADINGS = (
     "## 4. Per-bit sensitivity",
     "## 5. Per-layer vulnerability",
     "## 6. Failure BER",
-    "## 7. Definitions",
+    "## 7. Invalid outputs and log loss",
+    "## 8. Definitions",
 )
 
 
@@ -212,23 +246,35 @@ def test_markdown_sections_header_and_images(report: Path, campaign: pd.DataFram
         assert f"]({name})" in md
 
 
+def anderson(x: np.ndarray, a: float, b: float) -> tuple[float, float]:
+    """Anderson's 95 % bounds for the mean of x in [a, b], written out: mass eps moved to each bound."""
+    x, n = np.sort(x), len(x)
+    eps = special.smirnovi(n, 0.025)
+    up = np.minimum(1, np.arange(n) / n + eps)  # the CDF's upper band on [x_(i), x_(i+1)), x_(0) = a
+    low = a + sum((hi - lo) * (1 - f) for lo, hi, f in zip([a, *x[:-1]], x, up, strict=True))
+    down = np.maximum(0, np.arange(1, n + 1) / n - eps)  # lower band on [x_(i), x_(i+1)), x_(n+1) = b
+    high = b - sum((hi - lo) * f for lo, hi, f in zip(x, [*x[1:], b], down, strict=True))
+    return float(low), float(high)
+
+
 def test_markdown_has_independently_computed_auc_points(report: Path, campaign: pd.DataFrame) -> None:
     md = report.read_text()
     plain = campaign[(campaign.status == "ok") & campaign.bits.isna() & (campaign.mitigation == "none")]
     for model, label, target, rate in ((DCN, "dcn", "all", 1e-5), (FM, "fm", "embedding", 1e-4)):
         auc = plain[(plain.model == model) & (plain.target == target) & (plain.rate == rate)].auc
         mean, std, n = auc.mean(), auc.std(), len(auc)
-        half = stats.t.ppf(0.975, n - 1) * std / math.sqrt(n)
-        expected = [f"{v:.4g}" for v in (mean, std, auc.min(), auc.max(), mean - half, mean + half)]
+        low, high = anderson(auc.to_numpy(), 0.0, 1.0)
+        expected = [f"{v:.4g}" for v in (mean, std, auc.min(), auc.max(), low, high)]
         row = _table_row(md, "movielens-1m", label, f"{rate:.0e}", str(n), "0", "0", *expected)
         assert row.endswith(f"| {BASE_AUC[model]:.4g} |")
 
 
 def test_heatmap_cells_follow_ranked_median(report: Path) -> None:
     md = report.read_text()
-    assert _table_row(md, "all", "1e-06", "128", "256", "inf", "3", "2", "0")
-    assert _table_row(md, "mlp", "1e-06", "128", "256", "nan", "3", "1", "2")
-    assert _table_row(md, "all", "1e-06", "64", "64", "2", "3", "1", "0", "1.5")  # mean of finite 1, 2
+    # target, BER, hidden, embed | median, its CI (3 runs: the metric's range), n, #inf, #nan, mean
+    assert _table_row(md, "all", "1e-06", "128", "256", "inf", "0", "inf", "3", "2", "0", "inf")
+    assert _table_row(md, "mlp", "1e-06", "128", "256", "nan", "0", "inf", "1", "1", "2", "inf")
+    assert _table_row(md, "all", "1e-06", "64", "64", "2", "0", "inf", "3", "1", "0", "inf")  # inf run counts
     assert _table_row(md, "mlp", "1e-07", "64", "256", "0.001")
 
 
@@ -266,7 +312,7 @@ def test_html_is_self_contained(report: Path) -> None:
 def test_only_dummy_rows(tmp_path: Path) -> None:
     md = write_report(frame(dummy_rows()), tmp_path).read_text()
     assert {p.name for p in tmp_path.glob("*.png")} == {
-        "fig1-rmse-depth=1-samples=256-sparsity=0.01.png",
+        HEATMAP_PNG,
         "fig4-per-bit.png",
     }
     assert "No trials of models with labels (AUC) without mitigation." in md
@@ -282,6 +328,7 @@ def test_only_labelled_rows(tmp_path: Path) -> None:
         "fig2-auc-vs-ber-embedding.png",
         "fig4-per-bit.png",
         "fig5-per-layer-dcn-movielens-1m.png",
+        "fig6-invalid-labelled.png",
     }
     assert "No dummy-model trials" in md
     assert "No model was run with more than one mitigation." in md
@@ -305,9 +352,8 @@ def test_ranked_median_and_summary() -> None:
     assert math.isnan(ranked_median([nan, nan, inf]))
     assert ranked_median([1.0, 2.0, 3.0, inf]) == 2.5
     assert ranked_median([1.0, 2.0, inf, nan]) == inf  # upper middle of an even count
-    s = summarize([1.0, 2.0, 3.0, inf, nan])
-    assert (s["n"], s["inf"], s["nan"], s["mean"], s["min"], s["max"]) == (5, 1, 1, 2.0, 1.0, 3.0)
-    assert s["ci_hi"] - 2.0 == pytest.approx(stats.t.ppf(0.975, 2) * 1.0 / math.sqrt(3))
+    s = summarize([1.0, 2.0, 3.0, inf, nan])  # pytei.stats.summarize: nan has no value, inf is one
+    assert (s.n, s.n_inf, s.n_nan, s.mean, s.min, s.max, s.median) == (4, 1, 1, inf, 1.0, inf, 2.5)
 
 
 def test_failure_ber_function() -> None:
