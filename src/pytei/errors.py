@@ -11,12 +11,14 @@ override :meth:`ErrorModel.draw` instead when faults must be drawn jointly acros
 
 from __future__ import annotations
 
+import inspect
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
 
+from ._registry import Registry
 from .bits import BitLayout, bit_values
 from .sampling import bernoulli_positions, check_rate, generator_for, sample_without_replacement
 
@@ -31,6 +33,7 @@ __all__ = [
     "FlipCount",
     "Burst",
     "merge_bits",
+    "register",
 ]
 
 
@@ -294,3 +297,29 @@ class Burst(ErrorModel):
         table = torch.stack([values[s : s + self.length].sum() for s in range(starts)])
         start = torch.randint(0, starts, (index.numel(),), generator=generator, dtype=torch.int64)
         return Faults(index, table[start])
+
+
+# --- registry ----------------------------------------------------------------------------------
+
+
+def _check_error_model(name: str, cls: type, meta: dict) -> type:
+    """A registered error model is an ErrorModel subclass that declares its swept argument."""
+    if not (isinstance(cls, type) and issubclass(cls, ErrorModel)):
+        raise TypeError(f"errors.register({name!r}) decorates ErrorModel subclasses, got {cls!r}")
+    swept = meta.get("swept")
+    if swept not in inspect.signature(cls).parameters:
+        raise ValueError(
+            f"errors.register({name!r}, swept=...) must name the argument of {cls.__qualname__} that a "
+            f"campaign sweeps (its x axis), got {swept!r}"
+        )
+    return cls
+
+
+#: Error models a campaign can sweep, by name: ``register("Name", swept="rate")`` on a subclass.
+#: ``swept`` is the argument a campaign's ``errors.rates`` fills (the figures' x axis).
+register: Registry[type[ErrorModel]] = Registry("error model", _check_error_model)
+register("BitFlip", BitFlip, swept="ber")
+register("StuckAt", StuckAt, swept="rate")
+register("RandomValue", RandomValue, swept="rate")
+register("Burst", Burst, swept="rate")
+register("FlipCount", FlipCount, swept="k")

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from . import register
+from ._registry import register
 from .layers import RecModel, ReluMLP, check_input, check_int, check_ints, pair_indices, tag
 
 __all__ = ["DLRM", "DotInteraction"]

@@ -12,7 +12,7 @@ import math
 import torch
 from torch import nn
 
-from . import register
+from ._registry import register
 from .layers import RecModel, ReluMLP, check_input, check_int, tag
 
 __all__ = ["DummyModel", "dummy_inputs"]

@@ -11,7 +11,7 @@ from collections.abc import Sequence
 
 import torch
 
-from . import register
+from ._registry import register
 from .layers import (
     AttentionalFactorizationMachine,
     CrossNetwork,
