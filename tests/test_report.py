@@ -14,7 +14,9 @@ import pytest
 from PIL import Image
 from scipy import special
 
-from pytei.report import failure_ber, ranked_median, summarize, write_report
+from pytei.report import failure_ber, point_stats, ranked_median, summarize, write_report
+from pytei.report.document import MAX_FIGURE_PX
+from pytei.report.figures import labels_overlap, per_layer_figure, quality_figure, styles
 
 DCN, FM = "ckpt:/tmp/ckpt/dcn", "ckpt:/tmp/ckpt/fm"
 BASE_AUC = {DCN: 0.80, FM: 0.78}
@@ -396,3 +398,180 @@ def test_mitigation_activity_means_the_stored_counters() -> None:
     want = "detected 15, reexecutions 3, recovered 2, unrecoverable 13, false alarms 0"
     assert abft["mean per trial"] == want
     assert table.iloc[1]["mean per trial"].startswith("words with errors 5, corrected 4, detected 1")
+
+
+# --------------------------------------------------------------------------- regressions (issue 17)
+
+
+def _labelled_frame(targets: dict[str, str], rates=(1e-5, 1e-4)) -> pd.DataFrame:
+    """DCN rows per target name -> kind, 3 runs each."""
+    rows = []
+    for target, kind in targets.items():
+        for rate in rates:
+            rows += [
+                _labelled(DCN, "dcn", target, rate, run, 0.78 - run / 100, kind=kind) for run in range(3)
+            ]
+    return frame(rows)
+
+
+def test_trial_kinds_come_from_the_kind_column_not_the_name(tmp_path: Path) -> None:
+    df = _labelled_frame({"v1.2": "component", "embedding": "parameter"})
+    md = write_report(df, tmp_path).read_text()
+    pngs = {p.name for p in tmp_path.glob("*.png")}
+    assert "fig2-auc-vs-ber-v1.2.png" in pngs  # a dotted component name stays a component
+    per_layer = md.split("## 5. Per-layer vulnerability")[1].split("## 6.")[0]
+    assert [line.split(" | ")[1] for line in per_layer.splitlines() if line.startswith("| 1e-04 ")] == [
+        "embedding"
+    ]  # an undotted parameter trial is a per-parameter trial
+    with pytest.raises(ValueError, match=r"unknown trial kind\(s\) \['layer'\].*allowed: \['component'"):
+        write_report(_labelled_frame({"mlp": "layer"}), tmp_path / "bad")
+
+
+def test_dummy_configuration_comes_from_columns(tmp_path: Path) -> None:
+    rows = [
+        {**r, "model": f"grid-point-{r['cfg_mlp_hidden']:g}-{r['cfg_embed_dim']:g}"} for r in dummy_rows()
+    ]
+    md = write_report(frame(rows), tmp_path).read_text()
+    assert HEATMAP_PNG in {p.name for p in tmp_path.glob("*.png")}  # the model key says nothing
+    assert _table_row(md, "all", "1e-06", "128", "256", "inf")
+
+
+def _cells(values: dict[float, float]) -> pd.DataFrame:
+    """Heatmap cells: target all, 1 hidden x 2 embed, one value per BER."""
+    recs = []
+    for rate, value in values.items():
+        for embed in (64.0, 128.0):
+            recs.append({"target": "all", "rate": rate, "hidden": 64.0, "embed": embed, "ranked": value})
+    return pd.DataFrame(recs).assign(n_inf=0, n_nan=0)
+
+
+def test_heatmaps_keep_every_ber_and_small_values_in_scientific_notation() -> None:
+    from pytei.report.figures import heatmap_figure
+    from pytei.report.format import cell_text
+
+    assert [cell_text(v) for v in (0.0, 3e-4, 0.0049, 0.05, 2.5, 2e33, math.inf, math.nan)] == [
+        "0", "3e-4", "5e-3", "0.05", "2.5", "2e33", "inf", "nan",
+    ]  # fmt: skip
+    fig = heatmap_figure(_cells({1e-8: 1e-4, 1e-7: 2e-3, 1e-6: math.inf}), "t")
+    titles = [ax.get_title() for ax in fig.axes if ax.get_title()]
+    assert titles == ["entire model | BER 1e-08", "entire model | BER 1e-07", "entire model | BER 1e-06"]
+    texts = {t.get_text() for ax in fig.axes for t in ax.texts}
+    assert {"1e-4", "2e-3", "inf"} <= texts
+
+
+def test_mitigation_section_compares_dummy_models_too(tmp_path: Path) -> None:
+    """examples/quick.toml runs dummy models with none and clip: section 3 must compare them."""
+    rows = dummy_rows()
+    rows += [{**r, "mitigation": "clip", "rmse": r["rmse"] / 2} for r in rows if r["kind"] == "component"]
+    md = write_report(frame(rows), tmp_path).read_text()
+    section = md.split("## 3. Mitigation comparison (Fig 10)")[1].split("## 4.")[0]
+    assert "No model was run with more than one mitigation" not in section
+    assert "fig3-mitigation-rmse-all.png" in {p.name for p in tmp_path.glob("*.png")}
+    assert "| clip | 1e-06 | 1 |" in section  # median of runs 1, 2 (x hidden 64 / 64) halved
+
+
+def test_unmitigated_line_is_drawn_on_top_and_visible() -> None:
+    from pytei.report.figures import mitigation_figure
+
+    recs = []
+    for mitigation in ("none", "abft", "clip"):
+        for rate in (1e-5, 1e-4):
+            mean = 0.7 if mitigation != "clip" else 0.75  # abft changes nothing: exactly the "none" curve
+            recs.append({"dataset": "d", "series": "m", "mitigation": mitigation, "rate": rate, "mean": mean})
+    fig = mitigation_figure(pd.DataFrame(recs).assign(ranked=math.nan), "t")
+    lines = {ln.get_label(): ln for ln in fig.axes[0].get_lines()}
+    none, abft = lines["none"], lines["abft"]
+    assert none.get_zorder() > max(ln.get_zorder() for k, ln in lines.items() if k != "none")
+    assert none.get_linestyle() == "--" and none.get_color() == "black"
+    assert not np.allclose(none.get_xdata(), abft.get_xdata())  # dodged: both stay visible
+
+
+def test_axes_and_intervals_stay_inside_the_metric_range(tmp_path: Path) -> None:
+    rows = [_labelled(DCN, "dcn", "all", 1e-4, run, auc) for run, auc in enumerate((0.8, 0.5, 0.79))]
+    bits = {"bits": "[3]", "kind": "bits"}
+    rows += [_dummy(64, 64, "all", 1e-5, run, v, **bits) for run, v in enumerate((1e-3, 0.5, 2e-3))]
+    df = frame(rows)
+    md = write_report(df, tmp_path).read_text()
+    points = point_stats(df, ["dataset", "rate"], "auc", (0.0, 1.0)).assign(series="dcn")
+    fig = quality_figure(points, df.assign(series="dcn"), "auc", "t", styles(["dcn"]))
+    for ax in fig.axes:
+        if ax.get_visible():
+            lo, hi = ax.get_ylim()
+            assert 0 <= lo < hi <= 1
+    row = _table_row(md, "dummy", "synthetic (sparsity 0.01)", "all", "none", "1e-05", "3", "RMSE")
+    ci_lo = float(row.split(" | ")[-3])  # | ... | CI95 lo | CI95 hi | median |
+    assert ci_lo >= 0  # a Student-t interval here is (-0.55, 0.89)
+
+
+FIVE = ("fm", "dfm", "afm", "dcn", "wd")
+
+
+def _five_models() -> pd.DataFrame:
+    rows = []
+    for k, label in enumerate(FIVE):
+        for rate in (1e-6, 1e-5, 1e-4, 1e-3):
+            aucs = (0.75, 0.75 - k / 1000, 0.5 if rate >= 1e-4 else 0.75)  # overlapping, one collapsed run
+            rows += [
+                _row(model=f"ckpt:/c/{label}", model_label=label, dataset="d", rate=rate, run=run, auc=auc,
+                     baseline_auc=0.75)
+                for run, auc in enumerate(aucs)
+            ]  # fmt: skip
+    return frame(rows)
+
+
+def test_five_overlapping_models_each_get_a_panel_and_a_style() -> None:
+    df = _five_models().assign(series=lambda d: d["model_label"])
+    points = point_stats(df, ["dataset", "series", "rate"], "auc", (0.0, 1.0))
+    palette = styles(FIVE)
+    assert len({(s.color, s.marker) for s in palette.values()}) == 5
+    fig = quality_figure(points, df, "auc", "t", palette)
+    titles = [ax.get_title() for ax in fig.axes if ax.get_visible()]
+    assert titles == ["d: all models", *(f"d: {m}" for m in sorted(FIVE))]
+    overview = fig.axes[0]
+    assert not overview.collections  # the overview has lines only: no bands or error bars over them
+
+
+def test_figures_fit_the_page_with_readable_text(tmp_path: Path) -> None:
+    df = _five_models()
+    df = pd.concat([df.assign(mitigation=m) for m in ("none", "clip", "abft", "ecc", "protect-bits")])
+    write_report(frame(df.to_dict("records")), tmp_path)
+    pngs = list(tmp_path.glob("*.png"))
+    assert {p.name for p in pngs} >= {"fig2-auc-vs-ber-all.png", "fig3-mitigation-all.png"}
+    for path in pngs:
+        with Image.open(path) as img:
+            assert img.width <= MAX_FIGURE_PX  # the HTML page never shrinks a figure
+    page = (tmp_path / "report.html").read_text()
+    assert f"max-width:{MAX_FIGURE_PX}px" in page and "img{max-width:100%}" not in page
+    fig = quality_figure(
+        point_stats(df.assign(series=df["model_label"]), ["dataset", "series", "rate"], "auc", (0.0, 1.0)),
+        df.assign(series=df["model_label"]), "auc", "t", styles(FIVE),
+    )  # fmt: skip
+    sizes = [t.get_fontsize() for t in fig.findobj(lambda a: hasattr(a, "get_fontsize")) if t.get_text()]
+    assert min(sizes) >= 9
+
+
+def test_per_layer_tick_labels_do_not_overlap() -> None:
+    """Wide&Deep's parameters with drops of +-1e-3: side-by-side panels crowded their x tick labels."""
+    names = ["linear.bias", "linear.fc.weight", "embedding.embedding.weight"]
+    names += [f"mlp.{i}.{w}" for i in (0, 1, 4, 5, 8) for w in ("weight", "bias")]
+    rows = []
+    for rate in (1e-4, 1e-3):
+        for k, name in enumerate(names):
+            drop = float(np.interp(k, [0, len(names) - 1], [-0.00062, 0.00137]))
+            rows += [
+                _labelled(DCN, "wd", name, rate, run, 0.8 - drop, kind="parameter")
+                for run in range(3)
+            ]
+    df = frame(rows).assign(drop=lambda d: d["baseline_auc"] - d["auc"])
+    points = point_stats(df, ["rate", "target"], "drop", (-0.2, 0.8)).assign(metric="AUC drop")
+    fig = per_layer_figure(points.assign(score=points["mean"]), df, "t")
+    assert labels_overlap(fig) == []
+
+
+def test_invalid_outputs_and_log_loss_are_reported(report: Path) -> None:
+    md = report.read_text()
+    section = md.split("## 7. Invalid outputs and log loss")[1].split("## 8.")[0]
+    # dcn, all, none, 1e-4: invalid share 0.01; log loss 0.6 + (0.8 - mean AUC 0.6) = 0.8
+    row = _table_row(section, "dcn", "movielens-1m", "all", "none", "1e-04", "3", "0.01")
+    assert "| 0.8 | 0.8 |" in row
+    assert "fig6-invalid-labelled.png" in section

@@ -20,6 +20,7 @@ import numpy as np
 import pandas as pd
 from matplotlib import colormaps
 from matplotlib.axes import Axes
+from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.cm import ScalarMappable
 from matplotlib.colors import LogNorm, to_rgba
 from matplotlib.figure import Figure
@@ -585,8 +586,9 @@ def plot_per_layer(points: pd.DataFrame, runs: pd.DataFrame, path: Path, title: 
 
 def labels_overlap(fig: Figure) -> list[tuple[str, str]]:
     """Pairs of tick labels (and titles) of ``fig`` whose drawn boxes intersect (a layout check)."""
-    fig.canvas.draw()  # type: ignore[no-untyped-call]
-    renderer = fig.canvas.get_renderer()  # type: ignore[attr-defined]
+    canvas = FigureCanvasAgg(fig)
+    canvas.draw()
+    renderer = canvas.get_renderer()
     boxes = []
     for ax in fig.axes:
         if not ax.get_visible():
