@@ -29,16 +29,7 @@ STAT_FIELDS = tuple(f for f in Summary.__dataclass_fields__ if f != "level")
 
 def metric_bounds(name: str) -> Bounds:
     """The range of a stored metric (``pytei.metrics.bounds``: auc in [0, 1], rmse in [0, inf), ...)."""
-    registered = getattr(metrics, "bounds", None)
-    if registered is not None:
-        return registered(name)
-    return _FALLBACK_BOUNDS.get(name.removeprefix("baseline_"), (-math.inf, math.inf))  # TEMP until A lands
-
-
-_FALLBACK_BOUNDS: dict[str, Bounds] = {
-    **dict.fromkeys(("auc", "auc_valid", "invalid_frac"), (0.0, 1.0)),
-    **dict.fromkeys(("logloss", "rmse", "rmse_valid"), (0.0, math.inf)),
-}
+    return metrics.bounds(name)
 
 
 def drop_bounds(baselines: pd.Series) -> Bounds:
