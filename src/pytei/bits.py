@@ -9,6 +9,7 @@ masks equals their bitwise OR, and every mask casts to the view dtype exactly.
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -21,6 +22,7 @@ __all__ = [
     "field_masks",
     "bit_histogram",
     "popcount",
+    "WIDTHS",
     "int_view",
 ]
 
@@ -116,13 +118,38 @@ def field_masks(lay: BitLayout) -> dict[str, int]:
     return {name: sum(vals[b] for b in bits) for name, bits in lay.fields.items()}
 
 
+#: Widths (bits) of the words masks describe: those of ``supported_dtypes()``'s integer views.
+WIDTHS = (8, 16, 32, 64)
+
+#: ``_BYTE_BITS[v, j]`` is bit ``j`` of the byte value ``v``: the lookup table behind ``bit_histogram``.
+_BYTE_BITS = (torch.arange(256, dtype=torch.int64).unsqueeze(1) >> torch.arange(8, dtype=torch.int64)) & 1
+#: ``_BYTE_POPCOUNT[v]`` is the number of set bits of the byte value ``v``: the table behind ``popcount``.
+_BYTE_POPCOUNT = _BYTE_BITS.sum(dim=1)
+
+
+def _byte_counts(masks: torch.Tensor, width: int) -> torch.Tensor:
+    """``[width // 8, 256]``: how many masks hold each byte value at each byte position (0 = lowest).
+
+    Reads the masks' int64 storage as bytes (no copy for contiguous int64 masks), one ``bincount``
+    per byte position, in the machine's byte order. Bits above ``width`` are ignored.
+    """
+    if width not in WIDTHS:
+        raise ValueError(f"width must be one of {WIDTHS} (bits of a word), got {width!r}")
+    as_bytes = masks.to(torch.int64).reshape(-1).contiguous().view(torch.uint8).view(-1, 8)
+    positions = range(width // 8) if sys.byteorder == "little" else range(7, 7 - width // 8, -1)
+    return torch.stack([torch.bincount(as_bytes[:, j], minlength=256) for j in positions])
+
+
 def bit_histogram(masks: torch.Tensor, width: int) -> torch.Tensor:
-    """Count of set bits at each position 0..width-1 over int64 ``masks``."""
-    masks = masks.to(torch.int64)
-    counts = [int(((masks >> b) & 1).sum()) for b in range(width)] if masks.numel() else [0] * width
-    return torch.tensor(counts, dtype=torch.int64)
+    """Count of set bits at each position 0..width-1 over int64 ``masks``: an int64 CPU tensor.
+
+    Vectorised: a histogram of byte values per byte position times a byte value -> bits table.
+    """
+    counts = _byte_counts(masks, width)
+    return (counts.unsqueeze(2) * _BYTE_BITS.to(counts.device)).sum(dim=1).reshape(width).cpu()
 
 
 def popcount(masks: torch.Tensor, width: int) -> int:
-    """Total number of set bits in int64 ``masks`` of ``width``-bit words."""
-    return int(bit_histogram(masks, width).sum())
+    """Total number of set bits in int64 ``masks`` of ``width``-bit words (bits above ``width`` ignored)."""
+    counts = _byte_counts(masks, width)
+    return int((counts * _BYTE_POPCOUNT.to(counts.device)).sum())

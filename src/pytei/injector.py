@@ -21,7 +21,7 @@ from functools import cached_property
 import torch
 from torch import nn
 
-from .bits import BitLayout, bit_histogram, field_masks, int_view, layout
+from .bits import BitLayout, bit_histogram, field_masks, int_view, layout, popcount
 from .errors import ErrorModel, Faults, Words
 from .faultmap import FaultMap
 from .sampling import generator_for
@@ -121,9 +121,7 @@ class InjectionReport:
     def per_parameter(self) -> dict[str, int]:
         """Bits changed in each targeted tensor (0 included); empty for the activations site."""
         return {
-            n: int(bit_histogram(self.fault_map.faults[n].mask, lay.width).sum())
-            if n in self.fault_map.faults
-            else 0
+            n: popcount(self.fault_map.faults[n].mask, lay.width) if n in self.fault_map.faults else 0
             for n, lay in self.layouts.items()
         }
 
@@ -172,7 +170,7 @@ class InjectionReport:
 
 def _add_fields(out: dict[str, int], mask: torch.Tensor, lay: BitLayout) -> None:
     for name, fmask in field_masks(lay).items():
-        out[name] = out.get(name, 0) + int(bit_histogram(mask & fmask, lay.width).sum())
+        out[name] = out.get(name, 0) + popcount(mask & fmask, lay.width)
 
 
 class Injector:
@@ -339,7 +337,7 @@ def _activation_hook(error: ErrorModel, name: str, generator: torch.Generator, r
                 index = f.index.to(st.device)
                 st.write(index, st.read(index) ^ f.mask.to(device=st.device, dtype=lay.view_dtype))
                 _add_fields(report._activation_fields, f.mask, lay)
-                report.per_activation[name] += int(bit_histogram(f.mask, lay.width).sum())
+                report.per_activation[name] += popcount(f.mask, lay.width)
         report.passes += 1
         if target is first:
             return output

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..bits import BitLayout, bit_histogram, bit_values, layout
+from ..bits import BitLayout, bit_values, layout, popcount
 from ..errors import ErrorModel, Faults, Words
 from ..injector import Protection
 
@@ -256,7 +256,7 @@ class ECC(Protection):
                 continue
             result = decode_tensor(f, cf, w, self.on_detect)
             counts += torch.bincount(result.outcome, minlength=len(OUTCOMES))
-            bits += int(bit_histogram(result.faults.mask, w.layout.width).sum())
+            bits += popcount(result.faults.mask, w.layout.width)
             out.append(result.faults)
         self._stats = {
             "words_with_errors": int(counts.sum()),

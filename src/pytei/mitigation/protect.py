@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from ..bits import BitLayout, bit_histogram, bit_values
+from ..bits import BitLayout, bit_values, popcount
 from ..errors import ErrorModel, Faults, Words
 from ..injector import Protection
 
@@ -58,8 +58,8 @@ class ProtectBits(Protection):
         for f, w in zip(faults, words, strict=True):
             keep = f.mask & ~self.mask(w.layout, w.name)
             width = w.layout.width
-            n_before = int(bit_histogram(f.mask, width).sum()) if len(f) else 0
-            n_after = int(bit_histogram(keep, width).sum()) if len(f) else 0
+            n_before = popcount(f.mask, width) if len(f) else 0
+            n_after = popcount(keep, width) if len(f) else 0
             blocked += n_before - n_after
             passed += n_after
             out.append(Faults(f.index, keep).nonzero() if len(f) else f)
