@@ -89,7 +89,7 @@ def test_unknown_config_key_is_named() -> None:
         ("dcn", {"field_dims": [3], "dropout": 1.0}, r"dropout must be a probability in \[0, 1\), got 1.0"),
         ("afm", {"field_dims": [3], "dropouts": [0.1]}, "dropouts must be two probabilities"),
         ("afm", {"field_dims": [3], "attn_size": True}, "attn_size must be an int >= 1, got True"),
-        ("dummy", {"mlp_depth": 3}, "mlp_depth must be 1 or 2"),
+        ("dummy", {"mlp_depth": 0}, "mlp_depth must be an int >= 1, got 0"),
         ("dummy", {"mlp_hidden": 0}, "mlp_hidden must be an int >= 1, got 0"),
         ("dlrm", {"field_dims": [3, 4], "bottom_mlp": [64, 32]}, "bottom_mlp must end in embed_dim=16"),
         ("dlrm", {"field_dims": [3], "dense_dim": 0}, "at least two vectors"),
@@ -361,3 +361,64 @@ def test_output_layers_are_the_last_linear(name: str) -> None:
             m.register_forward_hook(lambda mod, i, o, n=n: order.append(n))
     model(*make_inputs(model))
     assert order[-1] == layer  # the last Linear to run
+
+
+#: Each zoo model's config at MLP depth ``d`` (hidden layers of every MLP it has), with the number of
+#: hidden MLP Linears that depth gives. fm and afm have no MLP (afm's attention is one fixed layer).
+DEPTH_CONFIGS = {
+    "dummy": lambda d: ({**TINY["dummy"], "mlp_depth": d}, d + 1),  # bottom MLP + the predictor's one
+    "dlrm": lambda d: ({**TINY["dlrm"], "bottom_mlp": [16] * (d - 1) + [8], "top_mlp": [16] * d}, 2 * d),
+    **{name: (lambda d, n=name: ({**TINY[n], "mlp_dims": [8] * d}, d)) for name in ("dfm", "dcn", "wd")},
+}
+NO_MLP_DEPTH = {"fm": 0, "afm": 2}  # hidden Linears of the default config (afm: attention, projection)
+
+
+def _depth_cases() -> list[tuple[str, int]]:
+    cases = [(name, d) for name in names() if name in DEPTH_CONFIGS for d in (1, 2, 3)]
+    return cases + [(name, 0) for name in names() if name not in DEPTH_CONFIGS]
+
+
+@pytest.mark.parametrize(("name", "depth"), _depth_cases())
+def test_output_layer_and_hidden_linears_follow_the_mlp_depth(name: str, depth: int) -> None:
+    """The output layer is the last Linear to run, and clipping covers every other MLP Linear."""
+    from pytei.mitigation import ClipActivations, hidden_linears, mitigate
+    from pytei.targets import components
+
+    assert name in DEPTH_CONFIGS or name in NO_MLP_DEPTH, (
+        f"add {name!r}'s MLP depth argument to DEPTH_CONFIGS"
+    )
+    config, n_hidden = DEPTH_CONFIGS[name](depth) if depth else (TINY[name], NO_MLP_DEPTH[name])
+    model = create(name, **config).eval()
+    linears = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+    order: list[str] = []
+    for n, m in linears.items():
+        m.register_forward_hook(lambda mod, i, o, n=n: order.append(n))
+    model(*make_inputs(model))
+    if not linears:
+        assert model.output_layers == () and hidden_linears(model) == {}
+        return
+    assert model.output_layers == (order[-1],)  # the last Linear to run computes the logit
+    assert linears[order[-1]].out_features == 1
+    comps = components(model)
+    expected = {n for n in linears if n != order[-1] and comps[f"{n}.weight"] in ("mlp", "attention")}
+    assert set(hidden_linears(model)) == expected and len(expected) == n_hidden
+    for m in linears.values():
+        m._forward_hooks.clear()
+    with mitigate(model, ClipActivations()):
+        assert {n for n, m in linears.items() if m._forward_hooks} == expected
+
+
+def test_a_declared_output_layer_that_does_not_exist_is_an_error() -> None:
+    from pytei.mitigation import ClipActivations, hidden_linears, mitigate
+
+    model = create("dfm", field_dims=[5, 7], mlp_dims=[16])
+    assert model.output_layers == ("mlp.4",)
+    model.output_layers = ("mlp.8",)  # what the hard-coded name said for every depth
+    match = r"DeepFactorizationMachineModel.output_layers names \['mlp.8'\].*its Linear layers: mlp.0, mlp.4"
+    with pytest.raises(ValueError, match=match):
+        hidden_linears(model)
+    with pytest.raises(ValueError, match=match), mitigate(model, ClipActivations()):
+        pass
+    model.output_layers = "mlp.4"  # type: ignore[assignment]
+    with pytest.raises(TypeError, match="output_layers must be a tuple of module names, got 'mlp.4'"):
+        hidden_linears(model)

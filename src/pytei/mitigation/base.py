@@ -16,7 +16,7 @@ from torch import nn
 
 from ..targets import components
 
-__all__ = ["Mitigation", "mitigate", "hidden_linears"]
+__all__ = ["Mitigation", "mitigate", "hidden_linears", "output_layers"]
 
 
 def hidden_linears(
@@ -24,6 +24,9 @@ def hidden_linears(
 ) -> dict[str, nn.Module]:
     """Linear layers to protect, by name: explicit ``layers``, or every Linear of the given
     components except the model's output layer(s) (``model.output_layers``, else the last Linear).
+
+    A declared output layer that is not a module of ``model`` is a ``ValueError``: clipping the
+    logit instead of a hidden layer would go unnoticed otherwise.
     """
     modules = dict(model.named_modules())
     if layers is not None:
@@ -33,11 +36,35 @@ def hidden_linears(
         return {n: modules[n] for n in layers}
     comps = components(model)
     linears = {n: m for n, m in modules.items() if isinstance(m, nn.Linear)}
-    output = set(getattr(model, "output_layers", ()) or list(linears)[-1:])
+    output = set(output_layers(model, linears))
     chosen = {
         n: m for n, m in linears.items() if n not in output and comps.get(f"{n}.weight") in tuple(component)
     }
     return chosen  # may be empty: pytorch-fm's FM has no hidden layer at all
+
+
+def output_layers(model: nn.Module, linears: dict[str, nn.Module] | None = None) -> tuple[str, ...]:
+    """Names of ``model``'s output layers: its declared ``output_layers``, else its last Linear.
+
+    ``linears`` (the model's Linear layers by name) saves a walk over the model when known.
+    """
+    if linears is None:
+        linears = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+    declared = getattr(model, "output_layers", ())
+    if not isinstance(declared, tuple | list) or not all(isinstance(n, str) for n in declared):
+        raise TypeError(
+            f"{type(model).__name__}.output_layers must be a tuple of module names, got {declared!r}"
+        )
+    if not declared:
+        return tuple(linears)[-1:]
+    modules = dict(model.named_modules())
+    missing = [n for n in declared if n not in modules]
+    if missing:
+        raise ValueError(
+            f"{type(model).__name__}.output_layers names {missing}, not modules of this model; "
+            f"its Linear layers: {', '.join(linears) or 'none'}"
+        )
+    return tuple(declared)
 
 
 class Mitigation(ABC):

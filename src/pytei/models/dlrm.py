@@ -40,7 +40,6 @@ class DLRM(RecModel):
 
     input_layout = "dense+sparse"
     suffix_modules = ("top_mlp",)
-    output_layers = ("top_mlp.4",)
 
     def __init__(
         self,
@@ -76,6 +75,7 @@ class DLRM(RecModel):
         self.interaction = DotInteraction()
         top_in = num_vectors * (num_vectors - 1) // 2 + (embed_dim if dense_dim else 0)
         self.top_mlp = ReluMLP(top_in, top_mlp, output_layer=True)
+        self._set_output_layers(self.top_mlp[-1])
 
     @torch.no_grad()
     def _init_tables(self) -> None:

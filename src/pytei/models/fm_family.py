@@ -74,8 +74,6 @@ class FactorizationMachineModel(_CategoricalModel):
 class DeepFactorizationMachineModel(_CategoricalModel):
     """DeepFM (Guo et al. 2017), ``torchfm.model.dfm``: linear + FM + MLP over flattened embeddings."""
 
-    output_layers = ("mlp.8",)
-
     def __init__(
         self,
         *,
@@ -91,6 +89,7 @@ class DeepFactorizationMachineModel(_CategoricalModel):
         self.fm = FactorizationMachine()
         self.embedding = FeaturesEmbedding(field_dims, embed_dim)
         self.mlp = MultiLayerPerceptron(self.embed_output_dim, mlp_dims, dropout)
+        self._set_output_layers(self.mlp[-1])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self._check(x)
@@ -102,8 +101,6 @@ class DeepFactorizationMachineModel(_CategoricalModel):
 @register("afm")
 class AttentionalFactorizationMachineModel(_CategoricalModel):
     """AFM (Xiao et al. 2017), ``torchfm.model.afm``: linear + attention-pooled pairwise interactions."""
-
-    output_layers = ("afm.fc",)
 
     def __init__(
         self,
@@ -122,6 +119,7 @@ class AttentionalFactorizationMachineModel(_CategoricalModel):
         self.embedding = FeaturesEmbedding(field_dims, embed_dim)
         self.linear = FeaturesLinear(field_dims)
         self.afm = AttentionalFactorizationMachine(embed_dim, attn_size, dropouts)
+        self._set_output_layers(self.afm.fc)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self._check(x)
@@ -138,7 +136,6 @@ class DeepCrossNetworkModel(_CategoricalModel):
     """
 
     suffix_modules = ("output",)
-    output_layers = ("output",)
 
     def __init__(
         self,
@@ -163,6 +160,7 @@ class DeepCrossNetworkModel(_CategoricalModel):
         self.cn = CrossNetwork(self.embed_output_dim, num_layers)
         self.mlp = MultiLayerPerceptron(self.embed_output_dim, mlp_dims, dropout, output_layer=False)
         self.output = tag(torch.nn.Linear(self.embed_output_dim + mlp_dims[-1], 1), "mlp")
+        self._set_output_layers(self.output)
 
     def forward_prefix(self, x: torch.Tensor) -> torch.Tensor:
         """``[B, F]`` indices -> ``[B, cross_dim + mlp_dims[-1]]``, the input of ``output``."""
@@ -181,8 +179,6 @@ class DeepCrossNetworkModel(_CategoricalModel):
 class WideAndDeepModel(_CategoricalModel):
     """Wide & Deep (Cheng et al. 2016), ``torchfm.model.wd``: linear + MLP over flattened embeddings."""
 
-    output_layers = ("mlp.8",)
-
     def __init__(
         self,
         *,
@@ -197,6 +193,7 @@ class WideAndDeepModel(_CategoricalModel):
         self.linear = FeaturesLinear(field_dims)
         self.embedding = FeaturesEmbedding(field_dims, embed_dim)
         self.mlp = MultiLayerPerceptron(self.embed_output_dim, mlp_dims, dropout)
+        self._set_output_layers(self.mlp[-1])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self._check(x)

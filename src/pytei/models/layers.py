@@ -57,12 +57,22 @@ class RecModel(nn.Module):
     #: One of ``INPUT_LAYOUTS``: ``"categorical"`` -> ``forward(x: Long[B, F])``; ``"dense+sparse"`` ->
     #: ``forward(dense: Float[B, D], sparse: Long[B, S])``; ``"dummy"`` -> ``forward(dense, sparse_0_1)``.
     input_layout: ClassVar[str] = ""
-    #: Modules whose output is the model's logit: mitigations such as clipping never touch them.
-    output_layers: ClassVar[tuple[str, ...]] = ()
+    #: Names of the modules whose output is the model's logit: mitigations such as clipping never
+    #: touch them. Each model sets it from its built modules (``_set_output_layers``), so the names
+    #: follow the MLP depth of its config; () means the model has none (pytorch-fm's FM).
+    output_layers: tuple[str, ...] = ()
 
     def __init__(self, **config: Any) -> None:
         super().__init__()
         self._config = config
+
+    def _set_output_layers(self, *modules: nn.Module) -> None:
+        """Declare ``modules`` (already part of this model) its output layers, by their names in it."""
+        names = {id(m): n for n, m in self.named_modules()}
+        missing = [type(m).__name__ for m in modules if id(m) not in names]
+        if missing:
+            raise ValueError(f"{type(self).__name__}: output layers {missing} are not modules of the model")
+        self.output_layers = tuple(names[id(m)] for m in modules)
 
     @property
     def config(self) -> dict[str, Any]:
