@@ -82,3 +82,45 @@ def test_describe_rows_and_table(tiny):
     text = str(rows)
     assert "emb.weight" in text and "embedding" in text and "4,000" in text
     assert rows.totals()["embedding"] == 4000
+
+
+class Biases(nn.Module):
+    """Biases registered every way a model may register them, next to weights registered alike."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.attn = nn.MultiheadAttention(4, 2, add_bias_kv=True)  # in_proj_bias, bias_k, bias_v
+        self.b = nn.ParameterList([nn.Parameter(torch.zeros(2))])
+        self.biases = nn.ParameterDict({"user": nn.Parameter(torch.zeros(2))})
+        self.w = nn.ParameterList([nn.Parameter(torch.zeros(2))])
+        self.table = nn.ParameterDict(
+            {"bias": nn.Parameter(torch.zeros(2)), "scale": nn.Parameter(torch.ones(2))}
+        )
+        self.out_bias = nn.Parameter(torch.zeros(1))
+        self.bilinear = nn.Parameter(torch.zeros(1))  # "bias" inside a word is not a bias
+
+
+def test_biases_are_classified_by_their_registered_names():
+    kinds = {s.name: s.kind for s in select(Biases())}
+    biases = {n for n, k in kinds.items() if k == "bias"}
+    assert biases == {
+        "attn.in_proj_bias",
+        "attn.bias_k",
+        "attn.bias_v",
+        "attn.out_proj.bias",
+        "b.0",
+        "biases.user",
+        "table.bias",
+        "out_bias",
+    }
+    assert {s.name for s in select(Biases(), params="weight")} == set(kinds) - biases
+
+
+def test_dcn_cross_network_biases_are_biases():
+    dcn = pytei.models.create("dcn", field_dims=[5, 6], num_layers=2)
+    selected = {s.name for s in select(dcn, params="bias")}
+    assert {"cn.b.0", "cn.b.1"} <= selected
+    assert not any(n.startswith("cn.w.") for n in selected)  # the cross weights stay weights
+    rows = {r.name: r.kind for r in pytei.describe(dcn)}
+    assert rows["cn.b.0"] == rows["mlp.0.bias"] == rows["output.bias"] == "bias"
+    assert rows["cn.w.0.weight"] == "weight"

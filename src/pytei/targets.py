@@ -47,9 +47,25 @@ class Site:
     kind: str
 
 
-def _kind(name: str) -> str:
-    leaf = name.rsplit(".", 1)[-1]
-    return "bias" if leaf == "bias" or leaf.endswith("_bias") else "weight"
+#: Registered names that mean a bias: ``bias``, DCN's ``b`` (pytorch-fm's cross layers), ``biases``.
+_BIAS_NAMES = frozenset({"bias", "biases", "b"})
+
+
+def _is_bias_name(name: str) -> bool:
+    """``bias``-like: one of ``_BIAS_NAMES``, ``*_bias(es)`` (``in_proj_bias``) or ``bias_*`` (``bias_k``)."""
+    return name in _BIAS_NAMES or name.endswith(("_bias", "_biases")) or name.startswith("bias_")
+
+
+def _kind(model: nn.Module, name: str) -> str:
+    """``"bias"`` for a tensor registered under a bias-like name, or held in a ParameterList or
+    ParameterDict registered under one (DCN's ``cn.b.0``); ``"weight"`` for every other tensor."""
+    owner_path, _, leaf = name.rpartition(".")
+    if _is_bias_name(leaf):
+        return "bias"
+    owner = model.get_submodule(owner_path) if owner_path else model
+    container = owner_path.rpartition(".")[2]
+    is_entry = isinstance(owner, nn.ParameterList | nn.ParameterDict)
+    return "bias" if is_entry and _is_bias_name(container) else "weight"
 
 
 def _tagged(model: nn.Module, name: str) -> str | None:
@@ -149,7 +165,7 @@ def select(
 
     sites = []
     for name, tensor in _named_tensors(model, buffers):
-        comp, kind = comps[name], _kind(name)
+        comp, kind = comps[name], _kind(model, name)
         if "all" not in targets and comp not in targets:
             continue
         if params != "all" and kind != params:
@@ -217,6 +233,6 @@ def describe(model: nn.Module, *, buffers: bool = False) -> Description:
     """One row per parameter (name, component, kind, dtype, shape, numel)."""
     comps = components(model, buffers=buffers)
     return Description(
-        _Row(n, comps[n], _kind(n), str(t.dtype).removeprefix("torch."), tuple(t.shape), t.numel())
+        _Row(n, comps[n], _kind(model, n), str(t.dtype).removeprefix("torch."), tuple(t.shape), t.numel())
         for n, t in _named_tensors(model, buffers)
     )
