@@ -281,3 +281,17 @@ def test_protection_filters_the_same_draws(tiny):
         pytei.Injector(BitFlip(0.1), site="activations", protect=DropExponentFaults())
     with pytest.raises(ValueError, match="unknown site 'memory'"):
         pytei.Injector(BitFlip(0.1), site="memory")
+
+
+def test_parameter_digest_sees_one_flipped_bit_and_the_restore(tiny):
+    from pytei.injector import parameter_digest
+
+    tiny.scale = nn.Parameter(torch.tensor(0.5))  # a 0-dim parameter is hashed too
+    clean = parameter_digest(tiny)
+    assert clean == parameter_digest(tiny) and len(clean) == 64
+    with pytei.inject(tiny, FlipCount(1), include="scale", seed=0):
+        assert parameter_digest(tiny) != clean
+    assert parameter_digest(tiny) == clean
+    with pytei.inject(tiny, FlipCount(1), include="emb.weight", seed=0):
+        assert parameter_digest(tiny) != clean
+    assert parameter_digest(tiny) == clean

@@ -7,7 +7,6 @@ model and checks that it is bit-identical to before. Runs in about a minute on 2
 
 from __future__ import annotations
 
-import hashlib
 import math
 import statistics
 
@@ -17,24 +16,15 @@ from rich.table import Table
 
 from . import models
 from .errors import BitFlip
-from .injector import Injector
+from .injector import Injector, parameter_digest
 from .metrics import rmse
 from .models.dummy import dummy_inputs
 from .progress import progress_bar
 
-__all__ = ["run_demo", "parameter_digest"]
+__all__ = ["run_demo"]
 
 BERS = (1e-9, 1e-8, 1e-7, 1e-6, 1e-5, 1e-4, 1e-3, 1e-2)
 TARGETS = ("all", "mlp", "embedding")
-
-
-def parameter_digest(model: torch.nn.Module) -> str:
-    """SHA-256 over the raw bytes of every parameter: equal digests mean bit-identical weights."""
-    h = hashlib.sha256()
-    for name, p in model.named_parameters():
-        h.update(name.encode())
-        h.update(p.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
 
 
 def _fmt(values: list[float]) -> str:

@@ -9,6 +9,7 @@ applied, so a model is never left half-corrupted.
 
 from __future__ import annotations
 
+import hashlib
 import secrets
 import signal
 import threading
@@ -27,7 +28,7 @@ from .faultmap import FaultMap
 from .sampling import generator_for
 from .targets import Site, select
 
-__all__ = ["Injector", "InjectionReport", "Protection", "SITES", "inject"]
+__all__ = ["Injector", "InjectionReport", "Protection", "SITES", "inject", "parameter_digest"]
 
 #: Where errors go: stored tensors (memory errors) or layer outputs (transient compute errors).
 SITES = ("weights", "activations")
@@ -344,6 +345,16 @@ def _activation_hook(error: ErrorModel, name: str, generator: torch.Generator, r
         return (target, *output[1:]) if isinstance(output, tuple) else target
 
     return hook
+
+
+def parameter_digest(model: nn.Module) -> str:
+    """SHA-256 over the names and raw bytes of every parameter: equal digests mean bit-identical
+    weights, which is how campaigns and the demo check that ``restore`` left a model as it was."""
+    h = hashlib.sha256()
+    for name, p in model.named_parameters():
+        h.update(name.encode())
+        h.update(p.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
 
 
 @contextmanager
