@@ -295,3 +295,39 @@ def test_parameter_digest_sees_one_flipped_bit_and_the_restore(tiny):
     with pytei.inject(tiny, FlipCount(1), include="emb.weight", seed=0):
         assert parameter_digest(tiny) != clean
     assert parameter_digest(tiny) == clean
+
+
+def test_report_repr_is_short_and_names_the_totals(tiny):
+    with pytei.inject(tiny, BitFlip(0.05), seed=3) as report:
+        pass
+    text = repr(report)
+    assert text == str(report) and "\n" not in text and len(text) < 300
+    assert "tensor(" not in text  # no fault tensor is dumped
+    hit = {n: c for n, c in report.per_parameter.items() if c}
+    assert len(hit) > 3  # so the repr has to leave some out
+    top = max(hit, key=hit.get)
+    assert text.startswith("InjectionReport(site='weights', seed=3, error=BitFlip(ber=0.05), ")
+    assert (
+        f"n_faults={report.n_faults}" in text
+        and f"tensors_hit={len(hit)}/{len(report.per_parameter)}" in text
+    )
+    assert f"{top!r}: {hit[top]}" in text and f"+{len(hit) - 3} more" in text
+    with pytei.inject(tiny, BitFlip(0.05), target="mlp", site="activations", seed=3) as live:
+        run(tiny)
+    assert f"n_faults={live.n_faults}" in repr(live) and "passes=" in repr(live)
+
+
+def test_inject_has_the_injector_keywords_and_refuses_others(tiny):
+    import inspect
+
+    def keywords(fn):
+        return [(p.name, p.kind, p.default) for p in inspect.signature(fn).parameters.values()]
+
+    assert keywords(pytei.inject)[2:] == keywords(Injector)[1:]  # same names, keyword-only, defaults
+    with (
+        pytest.raises(TypeError, match="unexpected keyword argument 'targets'"),
+        pytei.inject(tiny, BitFlip(1e-3), targets="mlp"),
+    ):
+        pass
+    with pytest.raises(TypeError, match="positional"), pytei.inject(tiny, BitFlip(1e-3), "mlp"):  # type: ignore[misc]
+        pass

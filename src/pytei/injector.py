@@ -96,6 +96,10 @@ class _Storage:
             self.view[where] = values
 
 
+#: Tensors (the most hit first) whose fault counts ``repr(InjectionReport)`` shows.
+_REPR_TENSORS = 3
+
+
 @dataclass
 class InjectionReport:
     """What one injection did. Weight-fault counts are computed on first use from the sparse map;
@@ -160,6 +164,22 @@ class InjectionReport:
                 out[self.components[n]] = out.get(self.components[n], 0) + count
         return out
 
+    def __repr__(self) -> str:
+        """One line: site, seed, error, totals and the most-hit tensors (never the fault tensors)."""
+        counts = self.per_parameter if self.site == "weights" else self.per_activation
+        hit = {n: c for n, c in counts.items() if c}
+        top = sorted(hit.items(), key=lambda item: (-item[1], item[0]))[:_REPR_TENSORS]
+        shown = ", ".join(f"{n!r}: {c}" for n, c in top)
+        more = f", +{len(hit) - len(top)} more" if len(hit) > len(top) else ""
+        given = {k: v for k, v in self.error.items() if k != "model" and v is not None}
+        error = f"{self.error.get('model')}({', '.join(f'{k}={_short(v)}' for k, v in given.items())})"
+        passes = f", passes={self.passes}" if self.site == "activations" else ""
+        return (
+            f"InjectionReport(site={self.site!r}, seed={self.seed}, error={error}, "
+            f"n_faults={self.n_faults}, tensors_hit={len(hit)}/{len(counts)}{passes}, "
+            f"faults_per_tensor={{{shown}{more}}})"
+        )
+
     def per_bit(self, name: str) -> torch.Tensor:
         """Changed-bit count at each bit position of stored tensor ``name``."""
         lay = self.layouts[name]
@@ -167,6 +187,12 @@ class InjectionReport:
         return (
             bit_histogram(f.mask, lay.width) if f is not None else torch.zeros(lay.width, dtype=torch.int64)
         )
+
+
+def _short(value: object, limit: int = 40) -> str:
+    """``repr(value)``, cut to ``limit`` characters."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _add_fields(out: dict[str, int], mask: torch.Tensor, lay: BitLayout) -> None:
@@ -358,13 +384,42 @@ def parameter_digest(model: nn.Module) -> str:
 
 
 @contextmanager
-def inject(model: nn.Module, error: ErrorModel, **options) -> Iterator[InjectionReport]:
+def inject(
+    model: nn.Module,
+    error: ErrorModel,
+    *,
+    target: str | Sequence[str] = "all",
+    params: str = "all",
+    include: str | Sequence[str] | None = None,
+    exclude: str | Sequence[str] | None = None,
+    buffers: bool = False,
+    seed: int | None = None,
+    site: str = "weights",
+    protect: Protection | None = None,
+) -> Iterator[InjectionReport]:
     """Run the block with ``error`` injected into ``model``; restore on exit, whatever happens.
+
+    The keywords are :class:`Injector`'s: ``target`` (components, see ``pytei.targets.COMPONENTS``,
+    or ``"all"``), ``params`` (``"weight"``, ``"bias"``, ``"all"``), ``include``/``exclude`` (glob
+    patterns over tensor names), ``buffers`` (also corrupt persistent buffers), ``seed`` (``None``:
+    a fresh one, recorded in the report), ``site`` (``"weights"`` or ``"activations"``) and
+    ``protect`` (a :class:`Protection` for the weights site). Yields the live
+    :class:`InjectionReport`.
 
     >>> with pytei.inject(model, BitFlip(ber=1e-6), target="mlp", params="weight", seed=0) as report:
     ...     out = model(x)
     """
-    injector = Injector(error, **options)
+    injector = Injector(
+        error,
+        target=target,
+        params=params,
+        include=include,
+        exclude=exclude,
+        buffers=buffers,
+        seed=seed,
+        site=site,
+        protect=protect,
+    )
     report = injector.apply(model)
     try:
         yield report
