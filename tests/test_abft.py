@@ -501,6 +501,11 @@ def test_stats_and_reset():
     }
     abft.reset_stats()
     assert abft.stats["checked"] == 0 and abft.stats["clean_checked"] == clean_rows
+    for _ in range(2):  # two consecutive uses, each after reset_stats: the same counts, not their sum
+        with mitigate(model, abft):
+            model(*inputs("dlrm", 32, 1))
+        assert abft.stats == st
+        abft.reset_stats()
 
 
 def test_bad_configuration_is_a_clear_error():

@@ -139,3 +139,37 @@ def test_clipping_recovers_output_quality_under_mlp_errors():
     assert all(math.isfinite(c) for c in clipped)
     assert sum(not math.isfinite(r) or r > 1e6 for r in raw) >= 4  # errors alone blow the output up
     assert all(c <= r or not math.isfinite(r) for c, r in zip(clipped, raw, strict=True))
+
+
+def test_reset_stats_starts_every_use_from_zero():
+    m = Probe(VALUES)
+    clip = ClipActivations(count=True)
+    x = torch.zeros(1, VALUES.numel())
+    with mitigate(m, clip):
+        m(x)
+    first = clip.stats
+    assert first["clipped"] == 4 and first["per_layer"] == {"hidden": 4}
+    with mitigate(m, clip):
+        m(x)
+    assert clip.stats["clipped"] == 8  # without a reset, counts add up over uses
+    for _ in range(2):  # two consecutive uses, each after reset_stats: the same counts, not their sum
+        clip.reset_stats()
+        assert clip.stats == {"layers": 1, "clipped": 0, "per_layer": {"hidden": 0}}
+        with mitigate(m, clip):
+            m(x)
+        assert clip.stats == first
+
+
+def test_every_mitigation_can_reset_its_stats():
+    from pytei.mitigation import Mitigation
+
+    class Nothing(Mitigation):
+        def attach(self, model):
+            pass
+
+        def detach(self):
+            pass
+
+    none = Nothing()
+    none.reset_stats()  # the base keeps no counters: a no-op, not an AttributeError
+    assert none.stats == {}

@@ -68,7 +68,11 @@ def output_layers(model: nn.Module, linears: dict[str, nn.Module] | None = None)
 
 
 class Mitigation(ABC):
-    """A compute-side mitigation that wraps a model while attached. Subclasses keep ``stats``."""
+    """A compute-side mitigation that wraps a model while attached.
+
+    Subclasses that count what they do report it in ``stats`` and zero it in ``reset_stats``:
+    counters accumulate over attachments until reset, and campaigns reset before every trial.
+    """
 
     @abstractmethod
     def attach(self, model: nn.Module) -> None:
@@ -80,8 +84,14 @@ class Mitigation(ABC):
 
     @property
     def stats(self) -> dict:
-        """What the mitigation did since it was attached (counters)."""
+        """What the mitigation did since it was created or ``reset_stats`` was last called (counters)."""
         return {}
+
+    def reset_stats(self) -> None:  # noqa: B027 - optional hook: a no-op for mitigations without counters
+        """Zero the counters ``stats`` reports (configuration, such as calibrated bounds, is kept).
+
+        The base class keeps no counters, so this does nothing; a mitigation that counts overrides it.
+        """
 
 
 @contextmanager

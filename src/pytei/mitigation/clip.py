@@ -133,6 +133,10 @@ class ClipActivations(Mitigation):
         while self._hooks:
             self._hooks.pop().remove()
 
+    def reset_stats(self) -> None:
+        """Zero the per-layer clipped-value counts (the layers seen so far stay listed)."""
+        self._clipped = dict.fromkeys(self._clipped, 0)
+
     @property
     def stats(self) -> dict:
         if not self.count:
