@@ -541,3 +541,15 @@ def test_cuda():
     ):
         model(*batch)
     assert abft.stats["unrecoverable"] > 0 and hook_count(model) == 0
+
+
+def test_calibrate_takes_tensors_of_a_one_input_model():
+    model = create("wd", field_dims=[20, 30]).eval()
+    gen = torch.Generator().manual_seed(0)
+    tensors = [
+        torch.stack([torch.randint(0, d, (64,), generator=gen) for d in (20, 30)], 1) for _ in range(2)
+    ]
+    tau = ABFT().calibrate(model, tensors)
+    assert tau == ABFT().calibrate(model, [(x,) for x in tensors]) and set(tau) >= {"mlp.0", "mlp.4", "mlp.8"}
+    with pytest.raises(TypeError, match="ABFT.calibrate: batch 0 is a str"):
+        ABFT().calibrate(model, ["x"])

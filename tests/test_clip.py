@@ -173,3 +173,26 @@ def test_every_mitigation_can_reset_its_stats():
     none = Nothing()
     none.reset_stats()  # the base keeps no counters: a no-op, not an AttributeError
     assert none.stats == {}
+
+
+def test_profile_takes_tensors_tuples_or_one_tensor_and_says_what_it_needs():
+    model = create("dfm", field_dims=[50] * 3).eval()  # a one-input model: forward(x)
+    gen = torch.Generator().manual_seed(0)
+    tensors = [torch.randint(0, 50, (256, 3), generator=gen) for _ in range(4)]
+    from_tensors = ClipActivations.profile(model, tensors)  # was: "takes 2 positional arguments but 257"
+    assert set(from_tensors.bounds) == {"mlp.0", "mlp.4"}
+    assert ClipActivations.profile(model, [(x,) for x in tensors]).bounds == from_tensors.bounds
+    assert ClipActivations.profile(model, iter([[x] for x in tensors])).bounds == from_tensors.bounds
+    one = ClipActivations.profile(model, torch.cat(tensors))  # a bare tensor is one batch
+    for name, (lo, hi) in one.bounds.items():
+        assert lo == pytest.approx(from_tensors.bounds[name][0]) and hi == pytest.approx(
+            from_tensors.bounds[name][1]
+        )
+    with pytest.raises(
+        TypeError, match=r"batch 1 is a ndarray; each batch must be a tensor .* or a tuple of tensors"
+    ):
+        ClipActivations.profile(model, [tensors[0], tensors[1].numpy()])
+    with pytest.raises(TypeError, match=r"batch 0 is a tuple of \(Tensor, int\)"):
+        ClipActivations.profile(model, [(tensors[0], 3)])
+    with pytest.raises(TypeError, match=r"ClipActivations.profile takes an iterable of batches.*got int"):
+        ClipActivations.profile(model, 5)

@@ -50,14 +50,14 @@ from __future__ import annotations
 import math
 import weakref
 from abc import ABC, abstractmethod
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, fields
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import Mitigation
+from .base import Batches, Mitigation, input_batches
 
 __all__ = ["ABFT", "ABFTError", "FALLBACKS"]
 
@@ -459,29 +459,30 @@ class ABFT(Mitigation):
                 self.detach()
         return layers
 
-    def calibrate(self, model: nn.Module, batches: Iterable[tuple[torch.Tensor, ...]]) -> dict[str, float]:
+    def calibrate(self, model: nn.Module, batches: Batches) -> dict[str, float]:
         """Set each layer's ``tau`` to ``margin`` x its largest relative residual ``|r| / m`` on clean
-        ``batches`` (input tuples for ``model(*inputs)``), at least ``FLOOR_ULPS`` unit roundoffs; then
-        re-run the batches with the final ``tau`` to measure ``false_alarms`` (0 unless clean outputs
-        hold NaN/Inf). Layers the batches never reach keep their previous ``tau``. Returns ``tau``."""
-        batches = list(batches)
+        ``batches`` (tensors of a one-input model or tuples for ``model(*inputs)``), at least
+        ``FLOOR_ULPS`` unit roundoffs; then re-run the batches with the final ``tau`` to measure
+        ``false_alarms`` (0 unless clean outputs hold NaN/Inf). Layers the batches never reach keep
+        their previous ``tau``. Returns ``tau``."""
+        inputs = input_batches(batches, "ABFT.calibrate")
         calibrated = {}
-        for layer in self._run_clean(model, batches, "calibrate"):
+        for layer in self._run_clean(model, inputs, "calibrate"):
             if not layer.seen:
                 continue
             if not math.isfinite(layer.worst):
                 raise ValueError(f"calibration saw a NaN/Inf residual in clean layer {layer.name!r}")
             calibrated[layer.name] = max(self.margin * layer.worst, FLOOR_ULPS * layer.u)
         self.tau.update(calibrated)
-        self.measure_false_alarms(model, batches)
+        self.measure_false_alarms(model, inputs)
         return dict(self.tau)
 
-    def measure_false_alarms(self, model: nn.Module, batches: Iterable[tuple[torch.Tensor, ...]]) -> int:
+    def measure_false_alarms(self, model: nn.Module, batches: Batches) -> int:
         """Count rows of clean ``batches`` that fail the check (no re-execution); the counts replace
         ``clean_checked``/``false_alarms`` in ``stats``. Returns the number of false alarms."""
         for st in self._stats.values():
             st.clean_checked = st.false_alarms = 0
-        self._run_clean(model, list(batches), "clean")
+        self._run_clean(model, input_batches(batches, "ABFT.measure_false_alarms"), "clean")
         return sum(st.false_alarms for st in self._stats.values())
 
     # --- statistics -------------------------------------------------------------------------------

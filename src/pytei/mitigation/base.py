@@ -9,14 +9,42 @@ Injected compute faults use prepended hooks, so a mitigation always sees the cor
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
+from typing import TypeAlias
 
+import torch
 from torch import nn
 
 from ..targets import components
 
-__all__ = ["Mitigation", "mitigate", "hidden_linears", "output_layers"]
+__all__ = ["Batches", "Mitigation", "mitigate", "hidden_linears", "input_batches", "output_layers"]
+
+#: Clean data for profiling and calibration: batches, each a tensor (the input of a one-input model)
+#: or a tuple of tensors (the inputs of ``model(*inputs)``); a bare tensor is one batch.
+Batches: TypeAlias = torch.Tensor | Iterable[torch.Tensor | Sequence[torch.Tensor]]
+
+
+def input_batches(batches: Batches, what: str) -> list[tuple[torch.Tensor, ...]]:
+    """``batches`` (see ``Batches``) as input tuples for ``model(*inputs)``; a ``TypeError`` naming
+    ``what`` (the caller) and the bad batch otherwise."""
+    need = "each batch must be a tensor (one-input model) or a tuple of tensors (model(*inputs))"
+    if isinstance(batches, torch.Tensor):
+        return [(batches,)]
+    if isinstance(batches, str | bytes | dict) or not isinstance(batches, Iterable):
+        raise TypeError(f"{what} takes an iterable of batches; {need}; got {type(batches).__name__}")
+    out: list[tuple[torch.Tensor, ...]] = []
+    for i, batch in enumerate(batches):
+        if isinstance(batch, torch.Tensor):
+            out.append((batch,))
+        elif isinstance(batch, tuple | list) and batch and all(isinstance(t, torch.Tensor) for t in batch):
+            out.append(tuple(batch))
+        else:
+            kind = type(batch).__name__
+            if isinstance(batch, tuple | list):
+                kind += f" of ({', '.join(type(t).__name__ for t in batch)})"
+            raise TypeError(f"{what}: batch {i} is a {kind}; {need}")
+    return out
 
 
 def hidden_linears(

@@ -12,13 +12,13 @@ the next layer (BatchNorm, ReLU, ...) receives.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import Mitigation, hidden_linears
+from .base import Batches, Mitigation, hidden_linears, input_batches
 
 __all__ = ["ClipActivations", "CLIP_MODES"]
 
@@ -65,15 +65,17 @@ class ClipActivations(Mitigation):
     def profile(
         cls,
         model: nn.Module,
-        batches: Iterable[tuple[torch.Tensor, ...]],
+        batches: Batches,
         *,
         margin: float = 0.1,
         **options,
     ) -> ClipActivations:
         """Per-layer bounds from clean data: each layer's observed [min, max] widened by ``margin``
-        times its span on both sides. ``batches`` yields input tuples for ``model(*inputs)``."""
+        times its span on both sides. ``batches``: tensors (one-input model) or tuples of tensors
+        (``model(*inputs)``); a bare tensor is one batch."""
         if margin < 0:
             raise ValueError(f"margin must be >= 0, got {margin}")
+        inputs_list = input_batches(batches, "ClipActivations.profile")
         probe = cls(**options)
         layers = hidden_linears(model, probe.component, probe.layers)
         lo: dict[str, float] = {}
@@ -93,7 +95,7 @@ class ClipActivations(Mitigation):
         model.eval()
         try:
             with torch.no_grad():
-                for inputs in batches:
+                for inputs in inputs_list:
                     model(*inputs)
         finally:
             for h in handles:
