@@ -18,6 +18,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import cached_property
+from typing import TypedDict
 
 import torch
 from torch import nn
@@ -87,6 +88,10 @@ class _Storage:
     def read(self, index: torch.Tensor) -> torch.Tensor:
         where = self._where(index)
         return self.flat[where] if self.flat is not None else self.view[where]
+
+    def read_words(self, index: torch.Tensor) -> torch.Tensor:
+        """The words at ``index`` as int64 on the CPU (how error models read values)."""
+        return self.read(index).to(torch.int64).cpu()
 
     def write(self, index: torch.Tensor, values: torch.Tensor) -> None:
         where = self._where(index)
@@ -200,6 +205,16 @@ def _add_fields(out: dict[str, int], mask: torch.Tensor, lay: BitLayout) -> None
         out[name] = out.get(name, 0) + popcount(mask & fmask, lay.width)
 
 
+class _Selection(TypedDict):
+    """The keywords of :func:`pytei.targets.select` an injector was given."""
+
+    target: str | Sequence[str]
+    params: str
+    include: str | Sequence[str] | None
+    exclude: str | Sequence[str] | None
+    buffers: bool
+
+
 class Injector:
     """Reusable description of an injection; ``apply`` corrupts a model, ``restore`` undoes it.
 
@@ -238,7 +253,9 @@ class Injector:
         if protect is not None and site != "weights":
             raise ValueError("protect= filters memory errors and needs site='weights'")
         self.error = error
-        self.selection = dict(target=target, params=params, include=include, exclude=exclude, buffers=buffers)
+        self.selection = _Selection(
+            target=target, params=params, include=include, exclude=exclude, buffers=buffers
+        )
         self.seed = seed
         self.site = site
         self.protect = protect
@@ -266,12 +283,7 @@ class Injector:
         storages = [_Storage(s.tensor) for s in sites]
         layouts = {s.name: layout(s.tensor.dtype) for s in sites}
         words = [
-            Words(
-                s.name,
-                s.tensor.numel(),
-                layouts[s.name],
-                lambda idx, st=st: st.read(idx).to(torch.int64).cpu(),
-            )
+            Words(s.name, s.tensor.numel(), layouts[s.name], st.read_words)
             for s, st in zip(sites, storages, strict=True)
         ]
         protection: dict = {}
@@ -356,9 +368,7 @@ def _activation_hook(error: ErrorModel, name: str, generator: torch.Generator, r
             target = first.detach().clone() if first.requires_grad else first
             st = _Storage(target)
             lay = layout(target.dtype)
-            words = Words(
-                f"{name}:output", target.numel(), lay, lambda idx: st.read(idx).to(torch.int64).cpu()
-            )
+            words = Words(f"{name}:output", target.numel(), lay, st.read_words)
             f = error.draw_one(words, generator)
             if len(f):
                 index = f.index.to(st.device)

@@ -90,7 +90,7 @@ def _tagged(model: nn.Module, name: str) -> str | None:
 
 
 def _named_tensors(model: nn.Module, buffers: bool) -> list[tuple[str, torch.Tensor]]:
-    named = list(model.named_parameters())
+    named: list[tuple[str, torch.Tensor]] = list(model.named_parameters())
     if buffers:  # persistent buffers are state (e.g. int8 tables); derived ones (index offsets) are not
         state = set(model.state_dict(keep_vars=True))
         named += [(n, b) for n, b in model.named_buffers() if b is not None and n in state]

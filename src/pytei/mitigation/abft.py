@@ -247,7 +247,11 @@ def _make_check(module: nn.Module) -> _Check:
     """Encode the checksums of ``module``'s current weights."""
     if isinstance(module, nn.Linear):
         return _LinearCheck(module)
-    return _BagCheck(module) if isinstance(module, nn.EmbeddingBag) else _EmbeddingCheck(module)
+    if isinstance(module, nn.EmbeddingBag):
+        return _BagCheck(module)
+    if isinstance(module, nn.Embedding):
+        return _EmbeddingCheck(module)
+    raise TypeError(f"ABFT checks Linear, Embedding and EmbeddingBag layers, got {type(module).__name__}")
 
 
 @dataclass

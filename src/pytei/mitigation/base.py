@@ -63,9 +63,9 @@ def hidden_linears(
             raise ValueError(f"no module named {missing} in {type(model).__name__}")
         return {n: modules[n] for n in layers}
     comps = components(model)
-    linears = {n: m for n, m in modules.items() if isinstance(m, nn.Linear)}
+    linears: dict[str, nn.Module] = {n: m for n, m in modules.items() if isinstance(m, nn.Linear)}
     output = set(output_layers(model, linears))
-    chosen = {
+    chosen: dict[str, nn.Module] = {
         n: m for n, m in linears.items() if n not in output and comps.get(f"{n}.weight") in tuple(component)
     }
     return chosen  # may be empty: pytorch-fm's FM has no hidden layer at all

@@ -23,7 +23,7 @@ def _check_model(name: str, cls: Any, meta: dict[str, Any]) -> type[nn.Module]:
     layout = getattr(cls, "input_layout", None)
     if layout not in INPUT_LAYOUTS:
         raise ValueError(f"{cls.__qualname__}.input_layout must be in {INPUT_LAYOUTS}, got {layout!r}")
-    cls.name = name
+    setattr(cls, "name", name)  # noqa: B010 - cls is typed as type[nn.Module], which has no name
     return cls
 
 

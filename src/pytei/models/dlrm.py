@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import cast
 
 import torch
 from torch import nn
@@ -79,9 +80,9 @@ class DLRM(RecModel):
 
     @torch.no_grad()
     def _init_tables(self) -> None:
-        for table in self.embeddings:
-            bound = 1.0 / math.sqrt(table.num_embeddings)
-            nn.init.uniform_(table.weight, -bound, bound)
+        for rows, table in zip(self._config["field_dims"], self.embeddings, strict=True):
+            bound = 1.0 / math.sqrt(rows)
+            nn.init.uniform_(cast(nn.EmbeddingBag, table).weight, -bound, bound)
 
     def forward_prefix(self, dense: torch.Tensor, sparse: torch.Tensor) -> torch.Tensor:
         """``dense``, ``sparse`` -> ``[bottom output, pairwise dots]``, the input of ``top_mlp``."""

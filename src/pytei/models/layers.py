@@ -41,7 +41,7 @@ M = TypeVar("M", bound=nn.Module)
 
 def tag(module: M, component: str) -> M:
     """Mark ``module`` (and every parameter below it) as part of ``component``; returns the module."""
-    module.pytei_component = component
+    setattr(module, "pytei_component", component)  # noqa: B010 - nn.Module's __setattr__ types Tensor | Module
     return module
 
 
@@ -140,6 +140,7 @@ class FeaturesEmbedding(nn.Module):
     """
 
     pytei_component = "embedding"
+    offsets: torch.Tensor
 
     def __init__(self, field_dims: Sequence[int], embed_dim: int) -> None:
         super().__init__()
@@ -157,6 +158,7 @@ class FeaturesLinear(nn.Module):
     """First-order (wide) term: a 1-wide embedding per feature value, summed over fields, plus a bias."""
 
     pytei_component = "linear"
+    offsets: torch.Tensor
 
     def __init__(self, field_dims: Sequence[int]) -> None:
         super().__init__()
