@@ -18,6 +18,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..exceptions import PyteiError
+
 __all__ = [
     "LAYOUTS",
     "CTRDataset",
@@ -37,7 +39,7 @@ LAYOUTS = ("categorical", "dense+sparse")
 TRAIN, VALID, TEST = 0, 1, 2
 
 
-class DataFileError(ValueError):
+class DataFileError(PyteiError, ValueError):
     """A malformed data file; the message names the file and the 1-based line of the first bad line."""
 
     def __init__(self, path: os.PathLike[str] | str, line: int, reason: str) -> None:

@@ -57,6 +57,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..exceptions import PyteiError
 from .base import Batches, Mitigation, input_batches
 
 __all__ = ["ABFT", "ABFTError", "FALLBACKS"]
@@ -75,7 +76,7 @@ FLOOR_ULPS = 16.0
 _BLOCK = 1 << 16
 
 
-class ABFTError(RuntimeError):
+class ABFTError(PyteiError, RuntimeError):
     """An operation kept failing its ABFT check after every re-execution (``fallback="raise"``)."""
 
 
