@@ -69,7 +69,7 @@ def test_names_lists_every_model() -> None:
 
 def test_unknown_name_lists_allowed() -> None:
     allowed = "afm, dcn, dfm, dlrm, dummy, fm, wd"
-    with pytest.raises(ValueError, match=f"unknown model 'nope'; allowed: {allowed}"):
+    with pytest.raises(ValueError, match=f"unknown model 'nope'; registered: {allowed}"):
         create("nope")
 
 

@@ -15,9 +15,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from scipy import stats
 
 from pytei import results
+from pytei import stats as pytei_stats
 from pytei.campaign.store import COLUMNS, SESSION_GAP_S, DuplicateTrial, SpecMismatch, Store, TrialRow
 
 # Forked writers start in milliseconds (a spawned one would re-import torch through pytei); they
@@ -27,12 +27,27 @@ needs_fork = pytest.mark.skipif(not HAS_FORK, reason="needs the fork start metho
 MP = multiprocessing.get_context("fork" if HAS_FORK else None)
 
 
+#: The metric keys make_row takes as keywords (stored in ``TrialRow.metrics``).
+METRIC_KEYS = (
+    "auc",
+    "auc_valid",
+    "invalid_frac",
+    "logloss",
+    "rmse",
+    "rmse_valid",
+    "baseline_auc",
+    "baseline_rmse",
+)
+
+
 def make_row(i: int, **values) -> TrialRow:
-    """A complete, deterministic trial row numbered ``i``."""
+    """A complete, deterministic trial row numbered ``i``; metric keywords go into ``metrics``
+    (a metric given as None is left out: not computed)."""
     row = dict(
         trial_id=f"t{i:05d}",
         model="dlrm",
         model_label="DLRM",
+        architecture="dlrm",
         dataset="criteo",
         target="mlp",
         params="weight",
@@ -61,7 +76,10 @@ def make_row(i: int, **values) -> TrialRow:
         duration_s=0.5,
         worker="host:1",
     )
-    return TrialRow(**{**row, **values})
+    merged = {**row, **values}
+    metrics = {k: merged.pop(k) for k in METRIC_KEYS if k in merged}
+    merged["metrics"] = {k: v for k, v in {**metrics, **merged.get("metrics", {})}.items() if v is not None}
+    return TrialRow(**merged)
 
 
 def expected(i: int, **values) -> dict:
@@ -86,12 +104,15 @@ def test_schema_is_created_with_wal(db: Path) -> None:
     con = sqlite3.connect(db)
     tables = {r[0] for r in con.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
     assert {"meta", "campaign", "trials"} <= tables
-    assert dict(con.execute("SELECT key, value FROM meta"))["schema_version"] == "1"
+    assert {"meta", "campaign", "trials", "metrics"} <= tables
+    assert dict(con.execute("SELECT key, value FROM meta"))["schema_version"] == "2"
     assert con.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     indexed = [r[2] for r in con.execute("PRAGMA index_info(trials_point)")]
     assert indexed == ["model", "target", "site", "mitigation", "rate"]
     stored = [r[1] for r in con.execute("PRAGMA table_info(trials)")]
-    assert stored == [*COLUMNS, "nonfinite"]
+    assert stored == [c for c in COLUMNS if c != "metrics"]  # metrics live in their own table
+    metric_columns = [r[1] for r in con.execute("PRAGMA table_info(metrics)")]
+    assert metric_columns == ["trial_id", "name", "value", "special"]
     con.close()
 
 
@@ -162,7 +183,7 @@ def test_record_and_done_ids(db: Path) -> None:
         got = store.rows()
     assert got[0] == expected(1)
     assert got[1]["status"] == "failed" and got[1]["error_message"] == "RuntimeError: boom"
-    assert got[1]["auc"] is None and got[1]["extra"] is None
+    assert "auc" not in got[1]["metrics"] and got[1]["extra"] is None
     assert [r["trial_id"] for r in got] == ["t00001", "t00002", "t00003", "t00004"]
 
 
@@ -188,16 +209,20 @@ def test_nonfinite_metrics_round_trip(db: Path, value: float | None) -> None:
     with Store(db) as store:
         got = store.rows()[0]
     for m in metrics:
-        if value is not None and math.isnan(value):
-            assert math.isnan(got[m]), m
+        if value is None:
+            assert m not in got["metrics"], m  # not computed: no row
+        elif math.isnan(value):
+            assert math.isnan(got["metrics"][m]), m
         else:
-            assert got[m] == value and type(got[m]) is type(value), m
+            assert got["metrics"][m] == value and type(got["metrics"][m]) is float, m
     con = sqlite3.connect(db)
-    raw, nonfinite = con.execute("SELECT rmse, nonfinite FROM trials").fetchone()
+    stored = con.execute("SELECT value, special FROM metrics WHERE name = 'rmse'").fetchall()
     con.close()
-    finite = value is None or math.isfinite(value)
-    assert raw == (value if finite else None)  # the REAL column holds finite values only
-    assert nonfinite == (None if finite else json.dumps(dict.fromkeys(metrics, repr(value))))
+    if value is None:
+        assert stored == []
+    else:
+        finite = math.isfinite(value)
+        assert stored == [(value if finite else None, None if finite else repr(value))]  # REAL: finite only
 
 
 def test_numpy_values_are_stored_as_python_values(db: Path) -> None:
@@ -211,7 +236,7 @@ def test_numpy_values_are_stored_as_python_values(db: Path) -> None:
     with Store(db) as store:
         store.record(row)
         got = store.rows()[0]
-    assert got["rate"] == pytest.approx(1e-3) and got["n_faults"] == 3 and got["rmse"] == math.inf
+    assert got["rate"] == pytest.approx(1e-3) and got["n_faults"] == 3 and got["metrics"]["rmse"] == math.inf
     assert json.loads(got["extra"]) == {"max": 2.5, "ids": [0, 1, 2]}
 
 
@@ -312,7 +337,8 @@ def test_load_dtypes(db: Path) -> None:
             make_row(2, status="failed", error_message="boom", n_faults=None, auc=None, rmse=None, bits=None)
         )
     df = results.load(db)
-    assert list(df.columns) == list(COLUMNS) and len(df) == 2
+    fields = [c for c in COLUMNS if c != "metrics"]
+    assert list(df.columns) == [*fields, *METRIC_KEYS, *results.CONFIG_COLUMNS] and len(df) == 2
     for c in ("rate", "auc", "rmse", "logloss", "baseline_auc", "started", "duration_s"):
         assert df[c].dtype == "float64", c
     for c in ("run", "seed"):
@@ -330,7 +356,9 @@ def test_load_dtypes(db: Path) -> None:
 def test_load_empty_database(db: Path) -> None:
     Store(db).close()
     df = results.load(db)
-    assert df.empty and list(df.columns) == list(COLUMNS) and df["auc"].dtype == "float64"
+    fields = [c for c in COLUMNS if c != "metrics"]
+    assert df.empty and list(df.columns) == [*fields, *METRIC_KEYS, *results.CONFIG_COLUMNS]
+    assert df["auc"].dtype == "float64"
 
 
 def _point_rows(mitigation: str, rate: float, aucs: list[float], rmses: list[float], first: int) -> list:
@@ -340,12 +368,11 @@ def _point_rows(mitigation: str, rate: float, aucs: list[float], rmses: list[flo
     ]
 
 
-def _t_interval(values: list[float]) -> tuple[float, float]:
-    v = np.asarray(values)
-    return stats.t.interval(0.95, len(v) - 1, loc=v.mean(), scale=stats.sem(v))
+def _interval(values: list[float], bounds: tuple[float, float]) -> tuple[float, float]:
+    return pytei_stats.interval(values, level=0.95, bounds=bounds)
 
 
-def test_summarize_against_numpy_and_scipy(db: Path) -> None:
+def test_summarize_uses_pytei_stats(db: Path) -> None:
     a_auc, a_rmse = [0.71, 0.74, 0.69, 0.80, 0.75], [0.10, 0.12, 0.08, 0.11, 0.30]
     b_auc, b_rmse = [0.50, 0.55, 0.52], [0.4, math.inf, 0.6]
     c_auc, c_rmse = [0.9], [0.2]
@@ -360,38 +387,38 @@ def test_summarize_against_numpy_and_scipy(db: Path) -> None:
         "target",
         "site",
         "auc_n",
+        "auc_n_nan",
         "auc_n_inf",
         "auc_mean",
-        "auc_std",
-        "auc_min",
+        "auc_median",
     ]
     assert len(out) == 3
 
     a = out.loc[("none", 1e-6)]  # the failed trial is left out
     assert a["auc_n"] == 5 and a["auc_n_inf"] == 0
-    assert a["auc_mean"] == pytest.approx(np.mean(a_auc))
+    assert a["auc_mean"] == pytest.approx(np.mean(a_auc)) and a["auc_median"] == np.median(a_auc)
     assert a["auc_std"] == pytest.approx(np.std(a_auc, ddof=1))
     assert (a["auc_min"], a["auc_max"]) == (min(a_auc), max(a_auc))
-    assert (a["auc_ci_low"], a["auc_ci_high"]) == pytest.approx(_t_interval(a_auc))
-    assert (a["rmse_ci_low"], a["rmse_ci_high"]) == pytest.approx(_t_interval(a_rmse))
+    assert (a["auc_ci_low"], a["auc_ci_high"]) == pytest.approx(_interval(a_auc, (0.0, 1.0)))
+    assert 0.0 <= a["auc_ci_low"] < np.mean(a_auc) < a["auc_ci_high"] <= 1.0  # inside the metric's range
+    assert a["rmse_ci_low"] >= 0.0 and a["rmse_ci_high"] == math.inf  # no finite upper bound on [0, inf)
 
-    b = out.loc[("clip", 1e-6)]  # an infinite RMSE: infinite mean and max, interval of the finite ones
-    assert b["rmse_n"] == 3 and b["rmse_n_inf"] == 1
+    b = out.loc[("clip", 1e-6)]  # an infinite RMSE is a value: infinite mean, max, std and upper end
+    assert b["rmse_n"] == 3 and b["rmse_n_inf"] == 1 and b["rmse_n_nan"] == 0
     assert b["rmse_mean"] == math.inf and b["rmse_max"] == math.inf and b["rmse_min"] == 0.4
-    assert b["rmse_std"] == pytest.approx(np.std([0.4, 0.6], ddof=1))
-    assert (b["rmse_ci_low"], b["rmse_ci_high"]) == pytest.approx(_t_interval([0.4, 0.6]))
-    assert (b["auc_ci_low"], b["auc_ci_high"]) == pytest.approx(_t_interval(b_auc))
+    assert b["rmse_std"] == math.inf and b["rmse_ci_high"] == math.inf
+    assert (b["auc_ci_low"], b["auc_ci_high"]) == pytest.approx(_interval(b_auc, (0.0, 1.0)))
 
-    c = out.loc[("clip", 1e-5)]  # one run: no spread, no interval
-    assert c["auc_n"] == 1 and c["auc_mean"] == 0.9
-    assert np.isnan([c["auc_std"], c["auc_ci_low"], c["auc_ci_high"]]).all()
+    c = out.loc[("clip", 1e-5)]  # one run: no spread; the interval is as wide as one run allows
+    assert c["auc_n"] == 1 and c["auc_mean"] == 0.9 and np.isnan(c["auc_std"])
+    assert c["auc_ci_low"] <= 0.9 <= c["auc_ci_high"]
 
 
 def test_summarize_level_and_missing_columns() -> None:
     df = pd.DataFrame({"status": ["ok"] * 4, "g": ["x"] * 4, "auc": [0.1, 0.2, 0.4, np.nan]})
     out = results.summarize(df, by=["g"], metrics=["auc"], level=0.9).iloc[0]
-    assert out["auc_n"] == 3
-    low, high = stats.t.interval(0.9, 2, loc=np.mean([0.1, 0.2, 0.4]), scale=stats.sem([0.1, 0.2, 0.4]))
+    assert out["auc_n"] == 3 and out["auc_n_nan"] == 1  # NaN: a run without a value
+    low, high = pytei_stats.interval([0.1, 0.2, 0.4], level=0.9, bounds=(0.0, 1.0))
     assert (out["auc_ci_low"], out["auc_ci_high"]) == pytest.approx((low, high))
     assert results.summarize(df, by="g", metrics="auc").equals(
         results.summarize(df, by=["g"], metrics=["auc"])
@@ -410,8 +437,12 @@ def test_export_round_trip(db: Path, tmp_path: Path, fmt: str) -> None:
         store.record_many([make_row(i, rmse=math.inf if i == 2 else 0.1 * i) for i in range(4)])
         store.record(make_row(9, status="failed", error_message="boom", n_faults=None, auc=None, rmse=None))
     df = results.load(db)
+    df["model_config"] = df["model_config"].map(lambda c: None if c is None else json.dumps(c))  # as text
     out = results.export(db, tmp_path / f"trials.{fmt}", fmt=fmt)
     back = pd.read_csv(out) if fmt == "csv" else pd.read_parquet(out)
+    if fmt == "csv":  # CSV has no None: a missing text reads back as NaN
+        for c in ("model_config", "traceback"):
+            df[c] = df[c].astype(object).where(df[c].notna(), np.nan)
     # CSV keeps values, not dtypes (a nullable integer column with a gap reads back as float)
     pd.testing.assert_frame_equal(back, df, check_dtype=fmt == "parquet")
     assert back["rmse"].iloc[2] == math.inf

@@ -83,6 +83,11 @@ class Registry(Generic[T]):
         stored = self._prepare(name, obj, meta) if self._prepare else obj
         self._entries[name] = Entry(name, stored, dict(meta))
 
+    def remove(self, name: str) -> None:
+        """Unregister ``name`` (tests and interactive sessions that re-register under one name)."""
+        self.entry(name)
+        del self._entries[name]
+
     def names(self) -> list[str]:
         """Registered names, sorted."""
         return sorted(self._entries)

@@ -1,53 +1,85 @@
 """Campaign results as pandas tables: load a results database, summarize it per point, export it.
 
-``summarize`` policy for non-finite metrics (an RMSE is infinite once an output overflows):
-
-* ``n`` counts the trials with a value (NaN, i.e. undefined or not computed, is left out) and
-  ``n_inf`` those whose value is infinite;
-* ``mean``, ``min`` and ``max`` are over all ``n`` values, so one infinite RMSE makes the mean
-  infinite: the expected error of that point *is* unbounded;
-* ``std``, ``ci_low`` and ``ci_high`` describe the ``n - n_inf`` finite values: the Student t
-  interval of their mean (NaN with fewer than two finite values).
+Statistics follow :mod:`pytei.stats` (one policy for the report, these tables and the adaptive
+``[confidence]`` loop): NaN is a run without a value (counted in ``n_nan``, left out), +-inf is a
+value (one infinite RMSE makes the point's mean infinite), and the interval of the mean is
+distribution-free and stays inside the metric's range (``pytei.metrics.bounds``).
 """
 
 from __future__ import annotations
 
+import json
+import math
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from scipy import stats
 
-from .campaign.store import COLUMNS, INT_COLUMNS, METRICS, REAL_COLUMNS, Store
+from . import metrics as metric_registry
+from . import stats
+from .campaign.store import COLUMNS, INT_COLUMNS, REAL_COLUMNS, Store
 
-__all__ = ["POINT", "export", "load", "summarize"]
+__all__ = ["CONFIG_COLUMNS", "POINT", "export", "load", "summarize"]
 
 #: The columns that identify a grid point (the default grouping of :func:`summarize`).
 POINT = ("model", "target", "site", "mitigation", "rate")
-
-_DTYPES = {
-    **{c: "float64" for c in (*REAL_COLUMNS, *METRICS)},
-    **{c: "Int64" for c in INT_COLUMNS},  # nullable: the counts are missing for failed trials
-    "run": "int64",
-    "seed": "int64",
+#: A dummy model's grid point, one column each (NaN for other models), from ``model_config``.
+CONFIG_COLUMNS = {
+    "cfg_mlp_depth": "mlp_depth",
+    "cfg_mlp_hidden": "mlp_hidden",
+    "cfg_embed_dim": "embed_dim",
+    "cfg_dense_dim": "dense_dim",
+    "cfg_sparse_dim": "sparse_dim",
+    "cfg_sparsity": "sparsity",
+    "cfg_samples": "samples",
 }
+#: Metric columns every table has (NaN where not computed), whatever the campaign stored.
+_BASE_METRICS = (
+    "auc",
+    "auc_valid",
+    "invalid_frac",
+    "logloss",
+    "rmse",
+    "rmse_valid",
+    "baseline_auc",
+    "baseline_rmse",
+)
+_STATS = ("n", "n_nan", "n_inf", "mean", "median", "std", "min", "max", "ci_low", "ci_high")
 
 
 def load(db: str | Path) -> pd.DataFrame:
-    """All trials of a results database, one row each, with NaN and infinities restored.
+    """All trials of a results database, one row each, one float64 column per stored metric.
 
-    Metrics are float64 (NaN where not computed or undefined), counts of faults and outputs
-    nullable Int64 (missing for failed trials). Text columns keep pandas' default string dtype, whose
-    missing values are NaN or None, not ``pd.NA``, so plain Python functions can map over them;
-    ``bits`` and ``extra`` stay JSON text (decode with ``json.loads``).
+    Columns: the trial's fields (:class:`pytei.campaign.store.TrialRow`), then one column per
+    metric (``auc``, ``rmse``, ``baseline_auc``, ..., and any metric a plugin registered; NaN where
+    not computed or undefined, +-inf restored), then ``cfg_*``: a dummy model's configuration.
+    Counts of faults and outputs are nullable Int64 (missing for failed trials); ``model_config``
+    is a dict (or None); ``bits`` and ``extra`` stay JSON text (decode with ``json.loads``).
 
-    Raises FileNotFoundError for a missing file and ValueError for a file that is not a pytei
-    results database.
+    Raises FileNotFoundError for a missing file and StoreError (a ValueError) for a file that is
+    not a pytei results database.
     """
     with Store(db, create=False) as store:
         rows = store.rows()
-    return pd.DataFrame(rows, columns=list(COLUMNS)).astype(_DTYPES)
+    names = sorted({k for r in rows for k in r["metrics"]} - set(_BASE_METRICS))
+    columns = [c for c in COLUMNS if c != "metrics"]
+    df = pd.DataFrame([{c: r[c] for c in columns} for r in rows], columns=columns)
+    values = pd.DataFrame(
+        [r["metrics"] for r in rows], columns=[*_BASE_METRICS, *names], index=df.index, dtype="float64"
+    )
+    df["model_config"] = df["model_config"].map(lambda t: json.loads(t) if isinstance(t, str) else None)
+    configs = pd.DataFrame(
+        {
+            column: [c.get(key, math.nan) if c else math.nan for c in df["model_config"]]
+            for column, key in CONFIG_COLUMNS.items()
+        },
+        index=df.index,
+        dtype="float64",
+    )
+    out = pd.concat([df, values, configs], axis=1)
+    dtypes = {**{c: "float64" for c in REAL_COLUMNS}, **{c: "Int64" for c in INT_COLUMNS}}
+    return out.astype({**dtypes, "run": "int64", "seed": "int64"})
 
 
 def summarize(
@@ -59,8 +91,8 @@ def summarize(
     """Per group of ``by``, statistics of each metric over the trials with status "ok".
 
     One row per group, with the ``by`` columns then ``<metric>_<stat>`` for each stat in
-    n, n_inf, mean, std, min, max, ci_low, ci_high (see the module docstring for non-finite values);
-    the interval is the two-sided Student t interval of confidence ``level``.
+    n, n_nan, n_inf, mean, median, std, min, max, ci_low, ci_high (:func:`pytei.stats.summarize`;
+    the interval is that of the mean at confidence ``level``, inside the metric's range).
     """
     by = [by] if isinstance(by, str) else list(by)
     metrics = [metrics] if isinstance(metrics, str) else list(metrics)
@@ -70,45 +102,34 @@ def summarize(
     if missing:
         raise KeyError(f"summarize: no column(s) {missing} in the results")
     ok = df[df["status"] == "ok"]
-    parts = [_metric_stats(ok, by, m, level).add_prefix(f"{m}_") for m in metrics]
-    return pd.concat(parts, axis=1).reset_index()
-
-
-def _metric_stats(ok: pd.DataFrame, by: list[str], metric: str, level: float) -> pd.DataFrame:
-    """n, n_inf, mean, std, min, max, ci_low, ci_high of one metric per group, indexed by the group keys."""
-    values = ok[metric].astype("float64")
-    work = ok[by].assign(value=values, finite=values.where(np.isfinite(values)), inf=np.isinf(values))
-    grouped = work.groupby(by, dropna=False, sort=True)
-    n_finite = grouped["finite"].count()
-    std = grouped["finite"].std()
-    t = stats.t.ppf(0.5 + level / 2, (n_finite - 1).where(n_finite > 1))
-    half = t * std / np.sqrt(n_finite)
-    centre = grouped["finite"].mean()
-    return pd.DataFrame(
-        {
-            "n": grouped["value"].count(),
-            "n_inf": grouped["inf"].sum(),
-            "mean": grouped["value"].mean(),
-            "std": std,
-            "min": grouped["value"].min(),
-            "max": grouped["value"].max(),
-            "ci_low": centre - half,
-            "ci_high": centre + half,
-        }
-    )
+    groups = ok.groupby(by, dropna=False, sort=True)
+    records = []
+    for key, group in groups:
+        record = dict(zip(by, key if isinstance(key, tuple) else (key,), strict=True))
+        for m in metrics:
+            s = stats.summarize(
+                group[m].to_numpy(dtype=np.float64), level=level, bounds=metric_registry.bounds(m)
+            )
+            values = {**s.as_dict(), "ci_low": s.low, "ci_high": s.high}
+            record.update({f"{m}_{stat}": values[stat] for stat in _STATS})
+        records.append(record)
+    return pd.DataFrame(records, columns=[*by, *(f"{m}_{stat}" for m in metrics for stat in _STATS)])
 
 
 def export(db: str | Path, out_path: str | Path, fmt: str = "csv") -> Path:
     """Write every trial of ``db`` (as :func:`load` gives them) to a CSV or Parquet file."""
     out = Path(out_path)
-    if fmt == "csv":
-        load(db).to_csv(out, index=False)
-    elif fmt == "parquet":
+    if fmt not in ("csv", "parquet"):
+        raise ValueError(f"unknown export format {fmt!r}; use 'csv' or 'parquet'")
+    if fmt == "parquet":
         try:
             import pyarrow  # noqa: F401  (checked here for a clear message)
         except ImportError as err:
             raise ImportError("parquet export needs pyarrow: pip install 'pytei[parquet]'") from err
-        load(db).to_parquet(out, engine="pyarrow", index=False)
+    df = load(db)
+    df["model_config"] = df["model_config"].map(lambda c: json.dumps(c) if c is not None else None)  # as text
+    if fmt == "csv":
+        df.to_csv(out, index=False)
     else:
-        raise ValueError(f"unknown export format {fmt!r}; use 'csv' or 'parquet'")
+        df.to_parquet(out, engine="pyarrow", index=False)
     return out

@@ -19,12 +19,18 @@ import glob
 import hashlib
 import itertools
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
+from .. import metrics as metric_registry
 from ..errors import ErrorModel
-from .spec import LABEL_METRICS, MEMORY_MITIGATIONS, PER_PARAMETER, Spec, canonical_json, make_error
+from .sources import source_for
+from .spec import PER_PARAMETER, MitigationChoice, Spec, canonical_json, make_error
 
-__all__ = ["Point", "Trial", "build_error", "plan", "run_seed"]
+__all__ = ["KINDS", "Point", "Trial", "build_error", "plan", "run_seed"]
+
+#: What a trial studies: a component (or labelled) target, a single parameter, or bit positions.
+KINDS = ("component", "parameter", "bits")
 
 
 @dataclass(frozen=True)
@@ -41,9 +47,13 @@ class Point:
 
 @dataclass(frozen=True)
 class Trial:
-    """One injection and evaluation; ``trial_id`` is a hash of all the other fields.
+    """One injection and evaluation; ``trial_id`` is a hash of what determines its outcome.
 
-    The dict fields are shared between the trials of a plan: treat them as read-only.
+    Hashed: every field up to ``metrics``, plus ``mitigation_options`` when there are any (so the
+    ids of campaigns written before mitigations had options do not change). Not hashed, as they
+    follow from the rest or only name things: ``kind`` (see :data:`KINDS`) and ``label`` (the
+    model's display label from the spec). The dict fields are shared between the trials of a plan:
+    treat them as read-only.
     """
 
     trial_id: str
@@ -57,7 +67,13 @@ class Trial:
     run: int
     seed: int
     mitigation: str
+    """The mitigation's label in the spec (its name, or ``name(option=value, ...)``)."""
     metrics: tuple[str, ...]
+    mitigation_name: str = ""
+    """The registered mitigation (``mitigation`` when empty)."""
+    mitigation_options: dict[str, Any] = field(default_factory=dict)
+    kind: str = "component"
+    label: str | None = None
 
     def __hash__(self) -> int:  # the dict fields are not hashable; the id stands for all of them
         return hash(self.trial_id)
@@ -78,19 +94,30 @@ def build_error(source: Trial | Mapping) -> ErrorModel:
     return make_error(dict(source.error if isinstance(source, Trial) else source))
 
 
-def _make_trial(**content) -> Trial:
-    digest = hashlib.sha256(canonical_json(content).encode()).hexdigest()
-    return Trial(trial_id=digest[:20], **content)
+def _make_trial(choice: MitigationChoice, kind: str, label: str | None, **content: Any) -> Trial:
+    hashed = dict(content)
+    if choice.hashed() != choice.name:  # a mitigation with options or its own label
+        hashed["mitigation_spec"] = choice.hashed()
+    digest = hashlib.sha256(canonical_json(hashed).encode()).hexdigest()
+    return Trial(
+        trial_id=digest[:20],
+        **content,
+        mitigation_name=choice.name,
+        mitigation_options=dict(choice.options),
+        kind=kind,
+        label=label,
+    )
 
 
 def _targets(
     spec: Spec, model: str, parameter_names: Callable[[str], list[str]] | None
-) -> list[tuple[str, dict]]:
-    """``(name, Injector selection)`` of every target for ``model``, per-parameter ones expanded."""
+) -> list[tuple[str, dict, bool]]:
+    """``(name, Injector selection, per parameter)`` of every target for ``model``, per-parameter
+    ones expanded."""
     out = []
     for t in spec.targets:
         if not t.per_parameter:
-            out.append((t.name, t.selection()))
+            out.append((t.name, t.selection(), False))
             continue
         if parameter_names is None:
             raise ValueError(f"targets = {PER_PARAMETER!r} needs plan(spec, parameter_names=...)")
@@ -99,11 +126,11 @@ def _targets(
             raise ValueError(f"parameter_names({model!r}) listed no parameters")
         # glob.escape: the name becomes an include pattern and must match only itself.
         out += [
-            (n, {"target": "all", "params": "all", "include": [glob.escape(n)], "exclude": None})
+            (n, {"target": "all", "params": "all", "include": [glob.escape(n)], "exclude": None}, True)
             for n in names
         ]
     seen: set[str] = set()
-    for name, _ in out:
+    for name, _, _ in out:
         if name in seen:
             raise ValueError(f"target name {name!r} appears twice for model {model}")
         seen.add(name)
@@ -111,10 +138,16 @@ def _targets(
 
 
 def _metrics(spec: Spec, model_spec: dict) -> tuple[str, ...]:
-    """Metrics that apply to a model: dummy models have no labels, so only rmse."""
-    if "checkpoint" in model_spec:
+    """Metrics that apply to a model: those needing labels only where its source has labels."""
+    if source_for(model_spec).labelled:
         return spec.metrics
-    return tuple(m for m in spec.metrics if m not in LABEL_METRICS)
+    return tuple(m for m in spec.metrics if not metric_registry.register.get(m).needs_labels)
+
+
+def _kind(per_parameter: bool, error: dict) -> str:
+    if per_parameter:
+        return "parameter"
+    return "bits" if error.get("bits") is not None else "component"
 
 
 def plan(
@@ -124,10 +157,11 @@ def plan(
 
     ``runs`` overrides the number of runs per point (default ``spec.runs``; with ``[confidence]``
     that is ``max_runs`` and the executor decides how many to run). ``parameter_names(model key)``
-    lists a model's parameters for ``targets = "per-parameter"``. Trials of ``protect-bits`` or
-    ``ecc`` with the ``activations`` site are skipped: those mitigations act on stored tensors only.
+    lists a model's parameters for ``targets = "per-parameter"``. Trials of memory-side mitigations
+    (``protect-bits``, ``ecc``) with the ``activations`` site are skipped: they act on stored tensors only.
     """
     n_runs = spec.runs if runs is None else runs
+    labels = spec.model_labels()
     if isinstance(n_runs, bool) or not isinstance(n_runs, int) or n_runs < 1:
         raise ValueError(f"runs must be an int >= 1, got {n_runs!r}")
     seeds = [run_seed(spec.seed, r) for r in range(n_runs)]
@@ -135,14 +169,15 @@ def plan(
     trials = []
     for model, model_spec in spec.model_specs().items():
         metrics = _metrics(spec, model_spec)
-        for target, target_spec in _targets(spec, model, parameter_names):
+        for target, target_spec, per_parameter in _targets(spec, model, parameter_names):
             for site in spec.sites:
-                mitigations = [
-                    m for m in spec.mitigations if not (site == "activations" and m in MEMORY_MITIGATIONS)
-                ]
+                mitigations = [m for m in spec.mitigations if not (site == "activations" and m.memory)]
                 for (rate, error), (run, seed), m in itertools.product(points, enumerate(seeds), mitigations):
                     trials.append(
                         _make_trial(
+                            m,
+                            _kind(per_parameter, error),
+                            labels.get(model),
                             model=model,
                             model_spec=model_spec,
                             target=target,
@@ -152,7 +187,7 @@ def plan(
                             rate=rate,
                             run=run,
                             seed=seed,
-                            mitigation=m,
+                            mitigation=m.label,
                             metrics=metrics,
                         )
                     )

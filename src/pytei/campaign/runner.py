@@ -19,52 +19,43 @@ import os
 import socket
 import time
 import traceback
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import nn
 
-from .. import metrics, models
-from ..checkpoint import load_checkpoint
-from ..demo import parameter_digest
-from ..injector import Injector, Protection
-from ..mitigation import ABFT, ECC, ClipActivations, Mitigation, ProtectBits, mitigate
+from .. import metrics
+from ..injector import Injector, Protection, parameter_digest
+from ..mitigation import Mitigation, mitigate
+from ..mitigation import register as mitigations
 from .plan import Trial, build_error
+from .sources import Evaluation, source_for
 from .store import TrialRow
 
-__all__ = ["Evaluation", "ModelRunner", "load_evaluation", "build_model", "parameter_names", "VERIFY_EVERY"]
+__all__ = [
+    "VERIFY_EVERY",
+    "Evaluation",
+    "ModelRunner",
+    "build_model",
+    "failed_row",
+    "load_evaluation",
+    "parameter_names",
+]
 
 #: Check the parameters' digest against the clean one every this many trials (restore drift guard).
 VERIFY_EVERY = 50
 _EVAL_BATCH = 2048
-
-
-@dataclass
-class Evaluation:
-    """A model and the rows it is scored on, cut into a fixed batch partition."""
-
-    key: str
-    label: str
-    dataset: str
-    model: nn.Module
-    batches: list[tuple[torch.Tensor, ...]]
-    labels: torch.Tensor | None
-    calibration: list[tuple[torch.Tensor, ...]] = field(default_factory=list)
-
-
-def _cut(inputs: tuple[torch.Tensor, ...], batch_size: int) -> list[tuple[torch.Tensor, ...]]:
-    n = inputs[0].shape[0]
-    return [tuple(t[i : i + batch_size] for t in inputs) for i in range(0, n, batch_size)]
+#: Score keys that are counts, not metrics (no baseline is stored for them).
+_COUNTS = ("n", "n_invalid", "invalid_frac")
 
 
 def build_model(model_spec: dict) -> nn.Module:
-    """The model a trial's ``model_spec`` names, without its data (checkpoint weights or dummy init)."""
-    if "checkpoint" in model_spec:
-        return load_checkpoint(model_spec["checkpoint"], with_data=False).model
-    return models.create("dummy", seed=model_spec.get("model_seed", 0), **model_spec["dummy"]).eval()
+    """The model a trial's ``model_spec`` names, without its data (its source builds it)."""
+    return source_for(model_spec).build(model_spec)
 
 
-def parameter_names(model_specs: dict[str, dict]):
+def parameter_names(model_specs: dict[str, dict]) -> Callable[[str], list[str]]:
     """``parameter_names(model key)`` for ``plan``: the floating-point parameters of each model."""
 
     def names(key: str) -> list[str]:
@@ -75,42 +66,8 @@ def parameter_names(model_specs: dict[str, dict]):
 
 
 def load_evaluation(trial: Trial, batch_size: int = _EVAL_BATCH) -> Evaluation:
-    """Build the model and evaluation rows a trial names (a checkpoint or a dummy model)."""
-    spec = trial.model_spec
-    if "checkpoint" in spec:
-        ckpt = load_checkpoint(spec["checkpoint"])
-        split = ckpt.data.valid if spec.get("split") == "valid" else ckpt.data.test
-        inputs, labels = split.inputs, split.labels
-        if spec.get("max_rows"):
-            inputs = tuple(t[: spec["max_rows"]] for t in inputs)
-            labels = labels[: spec["max_rows"]]
-        calib_split = ckpt.data.train if spec.get("split") == "valid" else ckpt.data.valid
-        calib = tuple(t[: 4 * batch_size] for t in calib_split.inputs)
-        return Evaluation(
-            key=trial.model,
-            label=ckpt.meta["model"]["name"],
-            dataset=ckpt.meta["data"]["name"],
-            model=ckpt.model.eval(),
-            batches=_cut(tuple(t.contiguous() for t in inputs), batch_size),
-            labels=labels.clone(),
-            calibration=_cut(calib, batch_size),
-        )
-    dummy = dict(spec["dummy"])
-    model = build_model(spec)
-    shape = {k: dummy[k] for k in ("dense_dim", "sparse_dim") if k in dummy}
-    inputs = models.dummy_inputs(spec["samples"], sparsity=spec["sparsity"], seed=0, **shape)
-    calib = models.dummy_inputs(
-        min(spec["samples"], 4 * batch_size), sparsity=spec["sparsity"], seed=1, **shape
-    )
-    return Evaluation(
-        key=trial.model,
-        label="dummy",
-        dataset=f"synthetic (sparsity {spec['sparsity']:g})",
-        model=model,
-        batches=_cut(inputs, batch_size),
-        labels=None,
-        calibration=_cut(calib, batch_size),
-    )
+    """Build the model and evaluation rows a trial names (through the source of its model spec)."""
+    return source_for(trial.model_spec).load(trial.model, trial.model_spec, batch_size)
 
 
 class _RowIndex:
@@ -186,47 +143,37 @@ class ModelRunner:
         prefixes = tuple(f"{m}." for m in getattr(self.model, "suffix_modules", ()))
         return {n for n, _ in self.model.named_parameters() if n.startswith(prefixes)}
 
-    def mitigation(self, name: str) -> tuple[Mitigation | None, Protection | None]:
-        """The (compute-side, memory-side) pair for a mitigation name, built once per model."""
-        if name not in self._mitigations:
-            self._mitigations[name] = self._build_mitigation(name)
-        return self._mitigations[name]
+    def mitigation(self, trial: Trial) -> tuple[Mitigation | None, Protection | None]:
+        """The (compute-side, memory-side) pair of a trial's mitigation, built once per model and
+        calibrated on this model's clean calibration rows (ABFT tolerances, profiled clip ranges)."""
+        label = trial.mitigation
+        if label not in self._mitigations:
+            mtype = mitigations.get(trial.mitigation_name or label)
+            built = mtype.build(self.model, self.ev.calibration, **trial.mitigation_options)
+            self._mitigations[label] = built
+        return self._mitigations[label]
 
-    def _build_mitigation(self, name: str) -> tuple[Mitigation | None, Protection | None]:
-        if name == "none":
-            return None, None
-        if name == "clip":
-            return ClipActivations(), None
-        if name == "clip-zero":
-            return ClipActivations(mode="zero"), None
-        if name == "clip-profiled":
-            return ClipActivations.profile(self.model, self.ev.calibration), None
-        if name == "protect-bits":
-            return None, ProtectBits()
-        if name == "ecc":
-            return None, ECC()
-        if name == "abft":
-            abft = ABFT()
-            abft.calibrate(self.model, self.ev.calibration)
-            return abft, None
-        raise ValueError(f"unknown mitigation {name!r}")
-
-    def clean(self, name: str) -> torch.Tensor:
-        """Outputs with mitigation ``name`` attached and no faults (its own baseline)."""
+    def clean(self, trial: Trial) -> torch.Tensor:
+        """Outputs with the trial's mitigation attached and no faults (its own baseline)."""
+        name = trial.mitigation
         if name not in self._clean:
-            mit, _ = self.mitigation(name)
+            mit, _ = self.mitigation(trial)
             with mitigate(self.model, *([mit] if mit else [])):
                 self._clean[name] = self._forward_all()
         return self._clean[name]
 
-    def baseline(self, name: str, with_labels: bool, with_golden: bool) -> dict:
-        """Metrics of the clean outputs under mitigation ``name`` (scored once, then cached)."""
-        key = (name, with_labels, with_golden)
+    def baseline(self, trial: Trial) -> dict[str, float]:
+        """The trial's metrics on the clean outputs under its mitigation (scored once, then cached)."""
+        key = (trial.mitigation, trial.metrics)
         if key not in self._baselines:
-            labels = self.ev.labels if with_labels else None
-            golden = self.golden if with_golden else None
-            self._baselines[key] = metrics.score(self.clean(name), labels, golden)
+            self._baselines[key] = self._score(self.clean(trial), trial)
         return self._baselines[key]
+
+    def _score(self, outputs: torch.Tensor, trial: Trial) -> dict[str, float]:
+        """Counts and the trial's metrics that apply (labels where the model has them)."""
+        got = metrics.score(outputs, self.ev.labels, self.golden, metrics=trial.metrics)
+        got.setdefault("invalid_frac", got["n_invalid"] / max(got["n"], 1))
+        return got
 
     @torch.no_grad()
     def _prefix_batches(self, name: str) -> list[torch.Tensor]:
@@ -237,13 +184,13 @@ class ModelRunner:
         return self._prefix[name]
 
     @torch.no_grad()
-    def _outputs(self, trial: Trial, faults: dict, mitigation: str) -> tuple[torch.Tensor, str]:
+    def _outputs(self, trial: Trial, faults: dict) -> tuple[torch.Tensor, str]:
         """Outputs under the current faults, and which path computed them."""
         if trial.site != "weights" or not self.fast:
             return self._forward_all(), "full"
         if not faults:
-            return self.clean(mitigation), "clean"
-        out = self.clean(mitigation).clone()
+            return self.clean(trial), "clean"
+        out = self.clean(trial).clone()
         bounds = [0]
         for b in self.ev.batches:
             bounds.append(bounds[-1] + b[0].shape[0])
@@ -252,7 +199,7 @@ class ModelRunner:
         if todo is None:
             todo, path = list(range(len(self.ev.batches))), "full"
         suffix_only = bool(self._suffix_params) and set(faults) <= self._suffix_params
-        prefix = self._prefix_batches(mitigation) if suffix_only else None
+        prefix = self._prefix_batches(trial.mitigation) if suffix_only else None
         for b in todo:
             if prefix is not None:
                 y = self.model.forward_suffix(prefix[b])
@@ -268,10 +215,8 @@ class ModelRunner:
         started = time.time()
         try:
             row = self._run(trial, started)
-        except KeyboardInterrupt:
-            raise
         except Exception as err:  # recorded, not fatal: one bad trial must not end a campaign
-            row = self._row(trial, started, status="failed", error_message=_describe(err))
+            row = failed_row(trial, started, err, self.ev)
         self.trials_since_check += 1
         if self.trials_since_check >= VERIFY_EVERY:
             self.verify()
@@ -284,67 +229,79 @@ class ModelRunner:
             raise RuntimeError(f"parameters of {self.ev.key} drifted from their clean state: restore failed")
 
     def _run(self, trial: Trial, started: float) -> TrialRow:
-        mit, protect = self.mitigation(trial.mitigation)
-        self.clean(trial.mitigation)  # before attaching below: clean() attaches the mitigation itself
+        mit, protect = self.mitigation(trial)
+        base = self.baseline(trial)  # before attaching below: clean() attaches the mitigation itself
         injector = Injector(
             build_error(trial.error), site=trial.site, seed=trial.seed, protect=protect, **trial.target_spec
         )
-        if hasattr(mit, "reset_stats"):
+        if mit is not None:
             mit.reset_stats()
         with mitigate(self.model, *([mit] if mit else [])):
             report = injector.apply(self.model)
             try:
-                outputs, path = self._outputs(trial, report.fault_map.faults, trial.mitigation)
+                outputs, path = self._outputs(trial, report.fault_map.faults)
             finally:
                 injector.restore()
-        labels = self.ev.labels if any(m in trial.metrics for m in ("auc", "logloss")) else None
-        golden = self.golden if "rmse" in trial.metrics else None
-        base = self.baseline(trial.mitigation, labels is not None, golden is not None)
-        got = base if path == "clean" else metrics.score(outputs, labels, golden)
-        extra = {"path": path, **report.protection}
+        got = base if path == "clean" else self._score(outputs, trial)
+        extra: dict[str, Any] = {"path": path, **report.protection}
         if mit is not None:
             extra.update({k: v for k, v in mit.stats.items() if not isinstance(v, dict)})
-        return self._row(
+        values = {k: v for k, v in got.items() if k not in _COUNTS[:2]}
+        values.update({f"baseline_{k}": v for k, v in base.items() if k not in _COUNTS})
+        return _row(
             trial,
             started,
+            self.ev,
             status="ok",
             n_faults=report.n_faults,
-            n_invalid=got["n_invalid"],
-            n_outputs=got["n"],
-            auc=got.get("auc"),
-            auc_valid=got.get("auc_valid"),
-            invalid_frac=got.get("invalid_frac", got["n_invalid"] / max(got["n"], 1)),
-            logloss=got.get("logloss"),
-            rmse=got.get("rmse"),
-            rmse_valid=got.get("rmse_valid"),
-            baseline_auc=base.get("auc"),
-            baseline_rmse=base.get("rmse"),
+            n_invalid=int(got["n_invalid"]),
+            n_outputs=int(got["n"]),
+            metrics=values,
             extra=extra,
         )
 
-    def _row(self, trial: Trial, started: float, **values) -> TrialRow:
-        finished = time.time()
-        error = trial.error
-        return TrialRow(
-            trial_id=trial.trial_id,
-            model=trial.model,
-            model_label=self.ev.label,
-            dataset=self.ev.dataset,
-            target=trial.target,
-            params=trial.target_spec.get("params", "all"),
-            site=trial.site,
-            error_model=error["model"],
-            rate=float(trial.rate),
-            bits=error.get("bits"),
-            run=trial.run,
-            seed=trial.seed,
-            mitigation=trial.mitigation,
-            started=started,
-            finished=finished,
-            duration_s=finished - started,
-            worker=f"{socket.gethostname()}:{os.getpid()}",
-            **values,
-        )
+
+def failed_row(trial: Trial, started: float, err: BaseException, ev: Evaluation | None = None) -> TrialRow:
+    """The row of a trial that raised ``err`` (also of every trial of a model that failed to load):
+    a one-line ``error_message`` and the full ``traceback``."""
+    return _row(
+        trial,
+        started,
+        ev,
+        status="failed",
+        error_message=_describe(err),
+        traceback="".join(traceback.format_exception(err)),
+    )
+
+
+def _row(trial: Trial, started: float, ev: Evaluation | None, **values: Any) -> TrialRow:
+    finished = time.time()
+    error = trial.error
+    source = source_for(trial.model_spec)
+    architecture = ev.label if ev is not None else source.architecture(trial.model_spec)
+    return TrialRow(
+        trial_id=trial.trial_id,
+        model=trial.model,
+        model_label=trial.label or architecture,
+        architecture=architecture,
+        dataset=ev.dataset if ev is not None else "",
+        target=trial.target,
+        params=trial.target_spec.get("params", "all"),
+        site=trial.site,
+        kind=trial.kind,
+        model_config=source.config(trial.model_spec),
+        error_model=error["model"],
+        rate=float(trial.rate),
+        bits=error.get("bits"),
+        run=trial.run,
+        seed=trial.seed,
+        mitigation=trial.mitigation,
+        started=started,
+        finished=finished,
+        duration_s=finished - started,
+        worker=f"{socket.gethostname()}:{os.getpid()}",
+        **values,
+    )
 
 
 def _describe(err: BaseException) -> str:

@@ -5,39 +5,49 @@ in WAL mode with ``synchronous=NORMAL`` (a committed trial survives a crash or `
 writer; only a power loss can undo the last commits) and a busy timeout, so several processes can
 record into the same file. Every trial is its own transaction: a killed writer leaves whole rows only.
 
-Non-finite metrics: a SQLite REAL cannot hold NaN (it becomes NULL), so the metric columns
-(:data:`METRICS`) hold finite values only, and the ``nonfinite`` TEXT column of a row holds a JSON
-object naming its non-finite metrics, e.g. ``{"rmse": "inf", "auc": "nan"}`` (NULL when there are
-none). A NULL metric without an entry there is a metric that was not computed (Python ``None``).
-:meth:`Store.rows` restores the floats; SQL aggregates such as ``AVG(rmse)`` see finite values only.
+Metrics are stored in long form, table ``metrics(trial_id, name, value, special)``, so a metric a
+plugin registers needs no schema change. A SQLite REAL cannot hold NaN (it becomes NULL), so
+``value`` holds finite values and ``special`` is ``'nan'``, ``'inf'`` or ``'-inf'`` (``value`` NULL)
+otherwise; a metric that was not computed has no row. SQL aggregates over ``value`` (``AVG``) see
+finite values only; :meth:`Store.rows` restores the floats.
+
+Schema versions: 2 (this one). A version 1 database (pytei up to 0.1.0: one column per metric) is
+migrated in place when it is opened, in one transaction, after a copy of it is saved next to it as
+``<name>.v1.bak``; a newer version is refused with a message naming it.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import re
 import sqlite3
 import time
 from collections import Counter
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
+
+import tomllib
+
+from ..exceptions import PyteiError
+from .checks import target_name
 
 __all__ = [
     "COLUMNS",
     "INT_COLUMNS",
-    "METRICS",
     "REAL_COLUMNS",
     "SCHEMA_VERSION",
     "DuplicateTrial",
     "SpecMismatch",
     "Store",
+    "StoreError",
     "TrialRow",
 ]
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 _APPLICATION = "pytei"
 
 #: Seconds a writer waits for another one's lock before failing with "database is locked".
@@ -47,39 +57,35 @@ BUSY_TIMEOUT_S = 60.0
 #: campaign); :meth:`Store.timing` measures throughput over the sessions only, not the downtime.
 SESSION_GAP_S = 300.0
 
-#: Nullable REAL columns whose NaN and infinities are kept in the ``nonfinite`` column.
-METRICS = (
-    "auc",
-    "auc_valid",
-    "invalid_frac",
-    "logloss",
-    "rmse",
-    "rmse_valid",
-    "baseline_auc",
-    "baseline_rmse",
-)
 #: INTEGER columns (n_faults, n_invalid and n_outputs are NULL for failed trials).
 INT_COLUMNS = ("run", "seed", "n_faults", "n_invalid", "n_outputs")
 #: NOT NULL REAL columns.
 REAL_COLUMNS = ("rate", "started", "finished", "duration_s")
-_JSONS = ("bits", "extra")
+_JSONS = ("bits", "extra", "model_config")
 
 
 @dataclass(kw_only=True)
 class TrialRow:
     """One finished trial: what was injected, how it went, and when and where it ran.
 
-    ``bits`` (a list of bit positions, or None for all bits) and ``extra`` (mitigation statistics
-    and other details) are stored as JSON text.
+    ``bits`` (a list of bit positions, or None for all bits), ``model_config`` (a dummy model's grid
+    point) and ``extra`` (mitigation statistics and other details) are stored as JSON text;
+    ``metrics`` in the ``metrics`` table (see the module docstring).
     """
 
     trial_id: str
     model: str
     model_label: str
+    """The label the spec gives the model, else its architecture."""
+    architecture: str = ""
+    """The model's registered name (``dcn``, ``dummy``, a plugin's model)."""
     dataset: str
     target: str
     params: str
     site: str
+    kind: str = "component"
+    """``component``, ``parameter`` (a per-parameter target) or ``bits`` (a bit-position study)."""
+    model_config: Mapping[str, Any] | None = None
     error_model: str
     rate: float
     bits: Sequence[int] | None
@@ -87,21 +93,16 @@ class TrialRow:
     seed: int
     mitigation: str
     status: str
-    """``"ok"`` or ``"failed"`` (the trial raised; see ``error_message``)."""
+    """``"ok"`` or ``"failed"`` (the trial raised; see ``error_message`` and ``traceback``)."""
     error_message: str | None = None
+    traceback: str | None = None
     n_faults: int | None = None
     n_invalid: int | None = None
     n_outputs: int | None = None
-    auc: float | None = None
-    auc_valid: float | None = None
-    invalid_frac: float | None = None
-    logloss: float | None = None
-    rmse: float | None = None
-    rmse_valid: float | None = None
-    baseline_auc: float | None = None
-    """Metric of the clean model with the same mitigation (the reference of this trial)."""
-    baseline_rmse: float | None = None
-    extra: dict[str, Any] | None = None
+    metrics: Mapping[str, float] = field(default_factory=dict)
+    """Every metric by name (``auc``, ``rmse``, ..., ``baseline_auc``: the clean model's value
+    under the same mitigation); a metric not computed is absent."""
+    extra: Mapping[str, Any] | None = None
     started: float
     """Unix time."""
     finished: float
@@ -110,9 +111,9 @@ class TrialRow:
     """``host:pid`` of the process that ran the trial."""
 
 
-#: Stored columns, in table order: the TrialRow fields, then the non-finite metrics.
+#: TrialRow fields, in order; all but ``metrics`` are columns of the ``trials`` table.
 COLUMNS = tuple(f.name for f in fields(TrialRow))
-_STORED = (*COLUMNS, "nonfinite")
+_STORED = tuple(c for c in COLUMNS if c != "metrics")
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -128,10 +129,13 @@ CREATE TABLE IF NOT EXISTS trials (
     trial_id TEXT PRIMARY KEY,
     model TEXT NOT NULL,
     model_label TEXT NOT NULL,
+    architecture TEXT NOT NULL,
     dataset TEXT NOT NULL,
     target TEXT NOT NULL,
     params TEXT NOT NULL,
     site TEXT NOT NULL,
+    kind TEXT NOT NULL CHECK (kind IN ('component', 'parameter', 'bits')),
+    model_config TEXT,
     error_model TEXT NOT NULL,
     rate REAL NOT NULL,
     bits TEXT,
@@ -140,35 +144,39 @@ CREATE TABLE IF NOT EXISTS trials (
     mitigation TEXT NOT NULL,
     status TEXT NOT NULL CHECK (status IN ('ok', 'failed')),
     error_message TEXT,
+    traceback TEXT,
     n_faults INTEGER,
     n_invalid INTEGER,
     n_outputs INTEGER,
-    auc REAL,
-    auc_valid REAL,
-    invalid_frac REAL,
-    logloss REAL,
-    rmse REAL,
-    rmse_valid REAL,
-    baseline_auc REAL,
-    baseline_rmse REAL,
     extra TEXT,
     started REAL NOT NULL,
     finished REAL NOT NULL,
     duration_s REAL NOT NULL,
-    worker TEXT,
-    nonfinite TEXT
+    worker TEXT
 );
 CREATE INDEX IF NOT EXISTS trials_point ON trials (model, target, site, mitigation, rate);
+CREATE TABLE IF NOT EXISTS metrics (
+    trial_id TEXT NOT NULL REFERENCES trials (trial_id),
+    name TEXT NOT NULL,
+    value REAL,
+    special TEXT CHECK (special IN ('nan', 'inf', '-inf')),
+    PRIMARY KEY (trial_id, name)
+) WITHOUT ROWID
 """
 
 _INSERT = f"INSERT INTO trials ({', '.join(_STORED)}) VALUES ({', '.join('?' * len(_STORED))})"
+_INSERT_METRIC = "INSERT INTO metrics (trial_id, name, value, special) VALUES (?, ?, ?, ?)"
 
 
-class SpecMismatch(ValueError):
+class StoreError(PyteiError, ValueError):
+    """A file that is not a pytei results database, or one of a newer schema version."""
+
+
+class SpecMismatch(PyteiError, ValueError):
     """The database belongs to another campaign spec."""
 
 
-class DuplicateTrial(ValueError):
+class DuplicateTrial(PyteiError, ValueError):
     """A trial id is already stored (rows are never overwritten)."""
 
 
@@ -176,7 +184,8 @@ class Store:
     """A campaign's results database (see the module docstring for the format).
 
     ``create=False`` opens an existing pytei database only: a missing file raises
-    FileNotFoundError and any other file ValueError, and nothing is written to either.
+    FileNotFoundError and any other file StoreError, and nothing is written to either (a schema-1
+    database is migrated, though: see the module docstring).
     """
 
     def __init__(self, path: str | Path, *, create: bool = True) -> None:
@@ -194,7 +203,8 @@ class Store:
             raise
 
     def _open(self, create: bool) -> None:
-        """Check that the file is a pytei database (or empty), then switch to WAL and create the schema."""
+        """Check that the file is a pytei database (or empty), then switch to WAL, create the schema
+        or migrate an older one."""
         try:
             tables = {r[0] for r in self._con.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
             meta = (
@@ -203,16 +213,17 @@ class Store:
                 else None
             )
         except sqlite3.DatabaseError as err:
-            raise ValueError(f"{self.path} is not a pytei results database ({err})") from err
-        if meta is not None:
-            self._check_meta(meta)
-        elif tables or not create:
-            raise ValueError(f"{self.path} is not a pytei results database (no pytei tables)")
+            raise StoreError(f"{self.path} is not a pytei results database ({err})") from err
+        version = self._check_meta(meta) if meta is not None else None
+        if meta is None and (tables or not create):
+            raise StoreError(f"{self.path} is not a pytei results database (no pytei tables)")
         self._con.execute("PRAGMA journal_mode = WAL")
         self._con.execute("PRAGMA synchronous = NORMAL")
         if not tables:
             with self._write():
                 self._create_schema()
+        elif version == 1:
+            self._migrate_v1()
 
     def _create_schema(self) -> None:
         """Tables, index and meta rows; idempotent, so two processes creating one file at once is fine."""
@@ -223,14 +234,52 @@ class Store:
             [("application", _APPLICATION), ("schema_version", str(SCHEMA_VERSION))],
         )
 
-    def _check_meta(self, meta: dict[str, str]) -> None:
+    def _check_meta(self, meta: dict[str, str]) -> int:
+        """The schema version of a pytei database; StoreError for another file or a newer version."""
         if meta.get("application") != _APPLICATION:
-            raise ValueError(f"{self.path} is not a pytei results database (meta: {meta})")
-        if meta.get("schema_version") != str(SCHEMA_VERSION):
-            raise ValueError(
-                f"{self.path} has results schema version {meta.get('schema_version')}; "
-                f"this pytei reads version {SCHEMA_VERSION}"
+            raise StoreError(f"{self.path} is not a pytei results database (meta: {meta})")
+        version = meta.get("schema_version", "?")
+        if version not in ("1", str(SCHEMA_VERSION)):
+            raise StoreError(
+                f"{self.path} has results schema version {version}, newer than this pytei reads "
+                f"(versions 1 to {SCHEMA_VERSION}; 1 is migrated on open): upgrade pytei to open it"
             )
+        return int(version)
+
+    def _migrate_v1(self) -> None:
+        """Schema 1 -> 2, in one transaction, after saving a copy as ``<name>.v1.bak``.
+
+        Metric columns become rows of ``metrics``; the new columns are filled from what version 1
+        stored: ``architecture`` from its ``model_label`` (the architecture, in version 1),
+        ``kind`` from ``bits`` and the spec's targets, ``model_config`` from a dummy model's key.
+        """
+        backup = self.path.with_name(self.path.name + ".v1.bak")
+        if not backup.exists():  # a consistent snapshot, taken before the migration's transaction
+            copy = sqlite3.connect(backup)
+            try:
+                self._con.backup(copy)
+            finally:
+                copy.close()
+        with self._write():
+            found = self._con.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
+            if found is None or found[0] != "1":
+                return  # another process migrated it while this one waited for the lock
+            spec = self._con.execute("SELECT text FROM campaign WHERE id = 1").fetchone()
+            declared = _declared_targets(spec[0]) if spec else None
+            self._con.execute("ALTER TABLE trials RENAME TO trials_v1")
+            self._con.execute("DROP INDEX IF EXISTS trials_point")
+            for statement in filter(str.strip, _SCHEMA.split(";")):
+                self._con.execute(statement)
+            old = self._con.execute("SELECT * FROM trials_v1 ORDER BY rowid")
+            names = [d[0] for d in old.description]
+            for values in old.fetchall():
+                row = dict(zip(names, values, strict=True))
+                trial, metric_rows = _from_v1(row, declared)
+                self._con.execute(_INSERT, tuple(trial[c] for c in _STORED))
+                self._con.executemany(_INSERT_METRIC, metric_rows)
+            self._con.execute("DROP TABLE trials_v1")
+            version = str(SCHEMA_VERSION)
+            self._con.execute("UPDATE meta SET value = ? WHERE key = 'schema_version'", (version,))
 
     @contextmanager
     def _write(self) -> Iterator[None]:
@@ -302,12 +351,15 @@ class Store:
 
         Raises DuplicateTrial if an id is already stored or given twice.
         """
+        rows = list(rows)
         values = [_encode(r) for r in rows]
         if not values:
             return
+        metric_rows = [m for r in rows for m in _encode_metrics(r.trial_id, r.metrics)]
         try:
             with self._write():
                 self._con.executemany(_INSERT, values)
+                self._con.executemany(_INSERT_METRIC, metric_rows)
         except sqlite3.IntegrityError as err:
             if "trials.trial_id" not in str(err):
                 raise
@@ -320,9 +372,24 @@ class Store:
         return sorted(twice | stored)
 
     def rows(self) -> list[dict]:
-        """Every trial as a dict of :data:`COLUMNS`, in commit order; NaN and infinities restored."""
+        """Every trial as a dict of :data:`COLUMNS`, in commit order; ``metrics`` a dict with NaN and
+        infinities restored; the JSON columns as text."""
+        by_trial: dict[str, dict[str, float]] = {}
+        for trial_id, name, value, special in self._con.execute(
+            "SELECT trial_id, name, value, special FROM metrics"
+        ):
+            by_trial.setdefault(trial_id, {})[name] = float(special) if special else value
         cur = self._con.execute(f"SELECT {', '.join(_STORED)} FROM trials ORDER BY rowid")
-        return [_decode(dict(zip(_STORED, r, strict=True))) for r in cur]
+        out = []
+        for r in cur:
+            row = dict(zip(_STORED, r, strict=True))
+            row["metrics"] = by_trial.get(row["trial_id"], {})
+            out.append({c: row[c] for c in COLUMNS})
+        return out
+
+    def metric_names(self) -> list[str]:
+        """Names of the stored metrics, sorted."""
+        return [r[0] for r in self._con.execute("SELECT DISTINCT name FROM metrics ORDER BY name")]
 
     # --- progress ----------------------------------------------------------------------------
 
@@ -389,8 +456,7 @@ def _json_fallback(value: Any) -> Any:
 
 def _encode(row: TrialRow) -> tuple:
     """A TrialRow as the values of :data:`_STORED`, coercing numpy scalars to Python ones."""
-    out: dict[str, Any] = {name: getattr(row, name) for name in COLUMNS}
-    nonfinite = {}
+    out: dict[str, Any] = {name: getattr(row, name) for name in _STORED}
     for name, value in out.items():
         if value is None:
             continue
@@ -400,18 +466,89 @@ def _encode(row: TrialRow) -> tuple:
             out[name] = int(value)
         elif name in REAL_COLUMNS:
             out[name] = float(value)
-        elif name in METRICS:
-            out[name] = float(value)
-            if not math.isfinite(out[name]):
-                nonfinite[name] = repr(out[name])
-                out[name] = None
-    out["nonfinite"] = json.dumps(nonfinite) if nonfinite else None
     return tuple(out.values())
 
 
-def _decode(stored: dict) -> dict:
-    """A stored row as :data:`COLUMNS`, with the non-finite metrics put back."""
-    nonfinite = stored.pop("nonfinite")
-    if nonfinite is not None:
-        stored.update({name: float(text) for name, text in json.loads(nonfinite).items()})
-    return stored
+def _encode_metrics(trial_id: str, values: Mapping[str, Any]) -> list[tuple]:
+    """``(trial_id, name, value, special)`` rows; None values (not computed) are left out."""
+    out = []
+    for name, value in values.items():
+        if value is None:
+            continue
+        v = float(value)
+        finite = math.isfinite(v)
+        out.append((trial_id, str(name), v if finite else None, None if finite else repr(v)))
+    return out
+
+
+# --- schema 1 -----------------------------------------------------------------------------------
+
+#: The metric columns of schema 1.
+_V1_METRICS = (
+    "auc",
+    "auc_valid",
+    "invalid_frac",
+    "logloss",
+    "rmse",
+    "rmse_valid",
+    "baseline_auc",
+    "baseline_rmse",
+)
+#: A schema-1 dummy model key, as ``DummyGrid.expand`` wrote it.
+_V1_DUMMY = re.compile(r"dummy:(?P<args>.*)")
+_V1_DUMMY_KEYS = {
+    "depth": "mlp_depth",
+    "hidden": "mlp_hidden",
+    "embed": "embed_dim",
+    "dense": "dense_dim",
+    "sparse": "sparse_dim",
+    "sparsity": "sparsity",
+    "samples": "samples",
+}
+
+
+def _declared_targets(spec_text: str) -> set[str] | None:
+    """Names of a schema-1 spec's targets other than ``per-parameter``; None if it has no per-parameter
+    target (every trial then is of a declared one)."""
+    try:
+        targets = tomllib.loads(spec_text).get("targets", ["all"])
+    except tomllib.TOMLDecodeError:
+        return None
+    targets = targets if isinstance(targets, list) else [targets]
+    if "per-parameter" not in targets:
+        return None
+    return {t if isinstance(t, str) else target_name(t) for t in targets if t != "per-parameter"}
+
+
+def _from_v1(row: dict[str, Any], declared: set[str] | None) -> tuple[dict[str, Any], list[tuple]]:
+    """A schema-1 trial row as a schema-2 row and its metric rows."""
+    nonfinite = json.loads(row["nonfinite"]) if row.get("nonfinite") else {}
+    values = {m: row[m] for m in _V1_METRICS if row.get(m) is not None}
+    values.update({m: float(text) for m, text in nonfinite.items()})
+    if row["bits"] is not None and json.loads(row["bits"]) is not None:
+        kind = "bits"
+    elif declared is not None and row["target"] not in declared:
+        kind = "parameter"
+    else:
+        kind = "component"
+    new = {
+        **{c: row.get(c) for c in _STORED},
+        "architecture": row["model_label"],
+        "kind": kind,
+        "model_config": _v1_dummy_config(row["model"]),
+        "traceback": None,
+    }
+    return new, _encode_metrics(row["trial_id"], values)
+
+
+def _v1_dummy_config(key: str) -> str | None:
+    """The grid point of a schema-1 dummy model key (JSON), None for other models."""
+    match = _V1_DUMMY.fullmatch(key)
+    if match is None:
+        return None
+    config: dict[str, Any] = {"dense_dim": 128, "sparse_dim": 8192}  # the defaults keys leave out
+    for part in match["args"].split(","):
+        name, _, value = part.partition("=")
+        if name in _V1_DUMMY_KEYS:
+            config[_V1_DUMMY_KEYS[name]] = float(value) if name == "sparsity" else int(value)
+    return json.dumps({k: config.get(k) for k in _V1_DUMMY_KEYS.values()})

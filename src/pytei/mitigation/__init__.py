@@ -1,6 +1,7 @@
 """Mitigations: compute-side ones wrap a model (``pytei.mitigate``), memory-side ones filter
 faults before they land (``pytei.inject(..., protect=...)``)."""
 
+from ._registry import MitigationType, register
 from .abft import ABFT, ABFTError
 from .base import Mitigation, hidden_linears, mitigate
 from .clip import ClipActivations
@@ -13,7 +14,9 @@ __all__ = [
     "ClipActivations",
     "ECC",
     "Mitigation",
+    "MitigationType",
     "ProtectBits",
     "hidden_linears",
     "mitigate",
+    "register",
 ]
