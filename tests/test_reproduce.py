@@ -69,7 +69,8 @@ def test_quick_preset_runs_every_study_and_mitigation(quick_run):
     assert len(dummy) == 2 * 1 * 2 * 2 * 3
     ctr = frames["ctr"]
     assert set(ctr.mitigation) == {"none", "clip", "clip-profiled", "protect-bits", "abft", "ecc"}
-    assert set(ctr.model_label) == set(rp.CTR_MODELS)
+    assert set(ctr.architecture) == set(rp.CTR_MODELS)
+    assert set(ctr.model_label) == {f"{m}-synthetic-ctr" for m in rp.CTR_MODELS}  # the spec's labels
     assert set(ctr.rate) == {1e-4, 1e-3}
     assert len(ctr) == 5 * 3 * 2 * 6  # models x targets x BERs x mitigations (1 run)
     assert ctr.auc.between(0, 1).all() and ctr.baseline_auc.between(0, 1).all()
