@@ -1,16 +1,102 @@
-"""Command-line interface: ``pytei demo | describe | train | inject | campaign | report``."""
+"""Command-line interface: ``pytei demo | describe | train | inject | campaign | report | reproduce``.
+
+Error policy. A :class:`~pytei.exceptions.PyteiError` (bad input, a detected fault) or a path that
+is missing or unreadable is the user's to fix: it prints as one line ``error: <message>`` on stderr,
+verbatim, with exit code 2. Any other exception is a bug (in pytei or a plugin) and shows its
+traceback, exit code 1. ``--debug`` (or ``PYTEI_DEBUG=1``) shows the traceback of every error.
+"""
 
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
+import os
 import sys
+import traceback
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
-__all__ = ["main"]
+from .exceptions import PyteiError
+
+__all__ = ["CLIError", "build_parser", "main"]
+
+#: Builtin errors that a path given by the user causes: reported like a ``PyteiError``.
+PATH_ERRORS: tuple[type[OSError], ...] = (
+    FileNotFoundError,
+    PermissionError,
+    IsADirectoryError,
+    NotADirectoryError,
+)
+
+#: Example values for config keys that models require, used in the hint of a missing key.
+_CONFIG_EXAMPLES: dict[str, object] = {"field_dims": [6041, 3953], "dense_dim": 13}
+
+
+class CLIError(PyteiError, ValueError):
+    """Bad command-line input (an option's value, a JSON config, a missing optional dependency)."""
+
+
+@contextmanager
+def _checking(what: str) -> Iterator[None]:
+    """Blame the user for a ``ValueError``/``TypeError`` raised while pytei validates ``what``.
+
+    Used only around steps that check what the user typed (an error model's rate, a model config,
+    a data set name), so that an error raised later, by the work itself, still shows as a bug.
+    """
+    try:
+        yield
+    except PyteiError:
+        raise
+    except (ValueError, TypeError) as err:
+        raise CLIError(f"{what}: {err}") from err
+
+
+def _json_object(flag: str, text: str | None) -> dict[str, Any]:
+    """The JSON object given to ``flag`` (``{}`` when absent)."""
+    if not text:
+        return {}
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise CLIError(f"{flag} is not valid JSON ({err.msg}, column {err.colno}): {text!r}") from err
+    if not isinstance(value, dict):
+        raise CLIError(f"{flag} must be a JSON object such as '{{\"n_rows\": 100000}}', got {text!r}")
+    return value
+
+
+def _missing_config(name: str, cls: type, config: dict[str, Any], flag: str) -> None:
+    """Refuse a model config without a key the model requires, saying how to pass it."""
+    required = [
+        p.name
+        for p in inspect.signature(cls).parameters.values()
+        if p.default is p.empty and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
+    ]
+    missing = [key for key in required if key not in config]
+    if missing:
+        example = json.dumps({**config, **{key: _CONFIG_EXAMPLES.get(key, "...") for key in missing}})
+        keys = ", ".join(repr(key) for key in missing)
+        raise CLIError(
+            f"model {name!r} needs the config key{'s' if len(missing) > 1 else ''} {keys}: "
+            f"pass {'them' if len(missing) > 1 else 'it'} as JSON, e.g. {flag} '{example}'"
+        )
+
+
+def _load_plugins(args: argparse.Namespace) -> None:
+    from . import plugins
+
+    plugins.load(tuple(getattr(args, "plugins", ())))
+
+
+def _say(console: Console, text: str) -> None:
+    """Print ``text`` as it is (no rich markup: a ``[confidence]`` in a name stays as written)."""
+    console.print(text, markup=False)
 
 
 def _cmd_demo(args: argparse.Namespace, console: Console) -> None:
@@ -24,14 +110,18 @@ def _cmd_describe(args: argparse.Namespace, console: Console) -> None:
     from .checkpoint import load_checkpoint
     from .targets import describe
 
+    _load_plugins(args)
     if Path(args.model).is_dir():
         model = load_checkpoint(args.model, with_data=False).model
     else:
-        config = json.loads(args.config) if args.config else {}
-        model = models.create(args.model, **config)
+        config = _json_object("--config", args.config)
+        cls = models.get(args.model)
+        _missing_config(args.model, cls, config, "--config")
+        with _checking(f"model {args.model!r} with --config {json.dumps(config)}"):
+            model = models.create(args.model, **config)
     rows = describe(model)
     console.print(rows)
-    console.print("values per component: " + ", ".join(f"{k} {v:,}" for k, v in rows.totals().items()))
+    _say(console, "values per component: " + ", ".join(f"{k} {v:,}" for k, v in rows.totals().items()))
 
 
 def _cmd_train(args: argparse.Namespace, console: Console) -> None:
@@ -40,35 +130,42 @@ def _cmd_train(args: argparse.Namespace, console: Console) -> None:
     from .data import load
     from .train import TrainConfig, build, fit
 
-    options = json.loads(args.data_options) if args.data_options else {}
+    _load_plugins(args)
+    options = _json_object("--data-options", args.data_options)
+    config = _json_object("--model-config", args.model_config)
     cls = models.get(args.model)
-    data = load(args.dataset, args.data_dir, seed=args.split_seed, layout=cls.input_layout, **options)
-    console.print(
+    with _checking("training options"):
+        train_cfg = TrainConfig(
+            lr=args.lr,
+            batch_size=args.batch_size,
+            max_epochs=args.epochs,
+            patience=args.patience,
+            seed=args.seed,
+            device=args.device,
+        )
+    with _checking(f"data set {args.dataset!r}"):
+        data = load(args.dataset, args.data_dir, seed=args.split_seed, layout=cls.input_layout, **options)
+    _say(
+        console,
         f"{data.name}: {len(data.train):,} train / {len(data.valid):,} valid / {len(data.test):,} test rows, "
-        f"{len(data.field_dims)} fields"
+        f"{len(data.field_dims)} fields",
     )
-    config = json.loads(args.model_config) if args.model_config else {}
-    train_cfg = TrainConfig(
-        lr=args.lr,
-        batch_size=args.batch_size,
-        max_epochs=args.epochs,
-        patience=args.patience,
-        seed=args.seed,
-        device=args.device,
-    )
-    model = build(args.model, train_cfg, field_dims=data.field_dims, **_dense_kw(cls, data), **config)
+    model_config = {"field_dims": data.field_dims, **_dense_kw(cls, data), **config}
+    with _checking(f"model {args.model!r} with --model-config {json.dumps(config)}"):
+        model = build(args.model, train_cfg, **model_config)
     result = fit(model, data, train_cfg)
     out = save_checkpoint(
         args.out, result.model, data, data_dir=args.data_dir, data_options=options, scores=result.summary()
     )
-    console.print(
+    _say(
+        console,
         f"best epoch {result.best_epoch}: valid AUC {result.valid_auc:.4f}, test AUC {result.test_auc:.4f} "
-        f"-> checkpoint {out}"
+        f"-> checkpoint {out}",
     )
 
 
-def _dense_kw(cls, data) -> dict:
-    return {"dense_dim": data.dense_dim} if cls.input_layout == "dense+sparse" else {}
+def _dense_kw(cls: type, data: Any) -> dict[str, int]:
+    return {"dense_dim": data.dense_dim} if getattr(cls, "input_layout", None) == "dense+sparse" else {}
 
 
 def _cmd_inject(args: argparse.Namespace, console: Console) -> None:
@@ -76,27 +173,32 @@ def _cmd_inject(args: argparse.Namespace, console: Console) -> None:
     from .checkpoint import load_checkpoint
     from .errors import BitFlip
     from .injector import inject
+    from .targets import select
     from .train import predict
 
-    ckpt = load_checkpoint(args.checkpoint, data_dir=args.data_dir)
+    _load_plugins(args)
+    with _checking("--ber"):
+        errors = [BitFlip(ber) for ber in args.ber]
+    with _checking("checkpoint"):
+        ckpt = load_checkpoint(args.checkpoint, data_dir=args.data_dir)
+    with _checking("--target/--params"):
+        select(ckpt.model, args.target, args.params)
     test = ckpt.test
     clean = predict(ckpt.model, test)
     base = metrics.score(clean, test.labels)
     table = Table(
-        title=f"{ckpt.meta['model']['name']} on {ckpt.meta['data']['name']}: BitFlip into {args.target}"
+        title=Text(f"{ckpt.meta['model']['name']} on {ckpt.meta['data']['name']}: BitFlip into {args.target}")
     )
     for col in ("BER", "seed", "flips", "AUC", "AUC (valid outputs)", "invalid outputs", "RMSE vs clean"):
         table.add_column(col, justify="right")
     table.add_row("0", "-", "0", f"{base['auc']:.4f}", f"{base['auc_valid']:.4f}", "0", "0")
-    for ber in args.ber:
+    for error in errors:
         for seed in range(args.seed, args.seed + args.runs):
-            with inject(
-                ckpt.model, BitFlip(ber), target=args.target, params=args.params, seed=seed
-            ) as report:
+            with inject(ckpt.model, error, target=args.target, params=args.params, seed=seed) as report:
                 out = predict(ckpt.model, test)
             s = metrics.score(out, test.labels, golden=clean)
             table.add_row(
-                f"{ber:.0e}",
+                f"{error.ber:.0e}",
                 str(seed),
                 f"{report.n_faults:,}",
                 f"{s['auc']:.4f}",
@@ -107,7 +209,12 @@ def _cmd_inject(args: argparse.Namespace, console: Console) -> None:
     console.print(table)
 
 
-def _executor_options(args: argparse.Namespace) -> dict:
+def _executor_options(args: argparse.Namespace) -> dict[str, Any]:
+    if args.ray_address:
+        import importlib.util
+
+        if importlib.util.find_spec("ray") is None:
+            raise CLIError("--ray-address needs ray, which is not installed: pip install 'pytei[ray]'")
     return {"workers": args.workers, "ray_address": args.ray_address}
 
 
@@ -115,20 +222,30 @@ def _cmd_campaign_run(args: argparse.Namespace, console: Console) -> None:
     from .campaign import load_spec
     from .campaign.execute import run_campaign
 
+    _load_plugins(args)  # before the spec: it may name what the plugins register
     spec = load_spec(args.spec)
-    result = run_campaign(spec, args.db, base_dir=Path(args.spec).parent, **_executor_options(args))
-    console.print(
+    result = run_campaign(
+        spec,
+        args.db,
+        base_dir=Path(args.spec).parent,
+        plugins=tuple(args.plugins),
+        **_executor_options(args),
+    )
+    _say(
+        console,
         f"campaign {spec.name}: {result.ran} trials run now, {result.skipped} already stored, "
-        f"{result.failed} failed; {result.planned} planned -> {args.db}"
+        f"{result.failed} failed; {result.planned} planned -> {args.db}",
     )
 
 
 def _cmd_campaign_resume(args: argparse.Namespace, console: Console) -> None:
     from .campaign.execute import resume_campaign
 
-    result = resume_campaign(args.db, **_executor_options(args))
-    console.print(
-        f"resumed: {result.ran} trials run now, {result.skipped} already stored, {result.failed} failed"
+    _load_plugins(args)
+    result = resume_campaign(args.db, plugins=tuple(args.plugins), **_executor_options(args))
+    _say(
+        console,
+        f"resumed: {result.ran} trials run now, {result.skipped} already stored, {result.failed} failed",
     )
 
 
@@ -139,7 +256,7 @@ def _cmd_campaign_status(args: argparse.Namespace, console: Console) -> None:
         raise FileNotFoundError(f"no campaign database at {args.db}")
     with Store(args.db, create=False) as store:
         spec, counts, timing = store.spec(), store.counts(), store.timing()
-    table = Table(title=f"campaign {spec['name'] if spec else '?'} ({args.db})")
+    table = Table(title=Text(f"campaign {spec['name'] if spec else '?'} ({args.db})"))
     for col in ("done", "failed", "remaining", "planned", "trials/s", "eta"):
         table.add_column(col, justify="right")
     rate = timing.get("trials_per_s")
@@ -156,10 +273,16 @@ def _cmd_campaign_status(args: argparse.Namespace, console: Console) -> None:
 
 
 def _cmd_campaign_export(args: argparse.Namespace, console: Console) -> None:
+    import importlib.util
+
     from .results import export
 
+    if not Path(args.db).is_file():
+        raise FileNotFoundError(f"no campaign database at {args.db}")
+    if args.format == "parquet" and importlib.util.find_spec("pyarrow") is None:
+        raise CLIError("--format parquet needs pyarrow, which is not installed: pip install 'pytei[parquet]'")
     out = export(args.db, args.out, fmt=args.format)
-    console.print(f"wrote {out}")
+    _say(console, f"wrote {out}")
 
 
 def _cmd_report(args: argparse.Namespace, console: Console) -> None:
@@ -168,7 +291,7 @@ def _cmd_report(args: argparse.Namespace, console: Console) -> None:
     if not Path(args.db).is_file():
         raise FileNotFoundError(f"no campaign database at {args.db}")
     path = write_report(args.db, args.out, title=args.title)
-    console.print(f"wrote {path} and {path.with_suffix('.html')}")
+    _say(console, f"wrote {path} and {path.with_suffix('.html')}")
 
 
 def _cmd_reproduce(args: argparse.Namespace, console: Console) -> None:
@@ -177,98 +300,226 @@ def _cmd_reproduce(args: argparse.Namespace, console: Console) -> None:
     reproduce(args.preset, args.out, data_dir=args.data_dir, workers=args.workers, console=console)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="pytei", description="Hardware-error injection for recommendation models"
+def _count(minimum: int) -> Callable[[str], int]:
+    """An argparse type: an integer >= ``minimum``."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {minimum}, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {minimum}, got {value}")
+        return value
+
+    parse.__name__ = f"integer >= {minimum}"  # what argparse names in 'invalid ... value'
+    return parse
+
+
+class _HelpFormatter(argparse.HelpFormatter):
+    """Adds ``(default: X)`` to the help of every option that has a default worth showing."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        default = action.default
+        if (
+            "%(default)" in text
+            or not action.option_strings
+            or action.required
+            or default is None
+            or default is False
+            or default is argparse.SUPPRESS
+            or default == []
+        ):
+            return text
+        return f"{text} (default: %(default)s)"
+
+
+def _debug_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--debug",
+        action="store_true",
+        default=argparse.SUPPRESS,  # a subcommand's flag must not reset the global one
+        help="show the full traceback of every error (also: PYTEI_DEBUG=1)",
     )
+
+
+def _plugin_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--plugin",
+        dest="plugins",
+        action="append",
+        default=[],
+        metavar="MODULE",
+        help="import MODULE first (it may register models, error models, mitigations, metrics); repeatable",
+    )
+
+
+def _threads_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--threads",
+        type=_count(1),
+        help="torch threads of this process (default: torch's, one per core); use 1 on a shared machine",
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``pytei`` argument parser (every option has help text showing its default)."""
+    from .data import names as data_sets
+
+    parser = argparse.ArgumentParser(
+        prog="pytei",
+        description="Hardware-error injection for recommendation models",
+        formatter_class=_HelpFormatter,
+    )
+    _debug_flag(parser)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("demo", help="BER sweep on the paper's dummy DRS (the embedded default job)")
-    p.add_argument("--runs", type=int, default=5)
-    p.add_argument("--samples", type=int, default=2048)
-    p.set_defaults(func=_cmd_demo)
+    def command(
+        subparsers: Any, name: str, helptext: str, func: Callable[..., None]
+    ) -> argparse.ArgumentParser:
+        p: argparse.ArgumentParser = subparsers.add_parser(
+            name, help=helptext, description=helptext, formatter_class=_HelpFormatter
+        )
+        _debug_flag(p)
+        p.set_defaults(func=func)
+        return p
 
-    p = sub.add_parser("describe", help="list a model's parameters with their components")
+    p = command(sub, "demo", "BER sweep on the paper's dummy DRS (a 10-second tour)", _cmd_demo)
+    p.add_argument("--runs", type=_count(1), default=5, help="trials per (target, BER)")
+    p.add_argument("--samples", type=_count(1), default=2048, help="input rows the dummy model scores")
+
+    p = command(sub, "describe", "list a model's parameters with their components", _cmd_describe)
     p.add_argument("model", help="a registered model name or a checkpoint directory")
-    p.add_argument("--config", help="model config as JSON, e.g. '{\"field_dims\": [6041, 3953]}'")
-    p.set_defaults(func=_cmd_describe)
+    p.add_argument(
+        "--config",
+        help="model config as JSON (a model name needs field_dims), e.g. '{\"field_dims\": [6041, 3953]}'",
+    )
+    _plugin_flag(p)
 
-    p = sub.add_parser("train", help="train a model with early stopping and save a checkpoint")
-    p.add_argument("--model", required=True)
-    p.add_argument("--dataset", required=True)
-    p.add_argument("--data-dir")
+    p = command(sub, "train", "train a model with early stopping and save a checkpoint", _cmd_train)
+    p.add_argument("--model", required=True, help="a registered model name (see 'pytei describe')")
+    p.add_argument("--dataset", required=True, help=f"a data set: {', '.join(data_sets())}")
+    p.add_argument("--data-dir", help="folder with the data set's files (not needed for synthetic-ctr)")
     p.add_argument("--data-options", help="data set options as JSON, e.g. '{\"n_rows\": 100000}'")
-    p.add_argument("--model-config", help="extra model config as JSON")
+    p.add_argument("--model-config", help="extra model config as JSON, e.g. '{\"embed_dim\": 32}'")
     p.add_argument("--out", required=True, help="checkpoint directory to write")
-    p.add_argument("--epochs", type=int, default=100)
-    p.add_argument("--patience", type=int, default=3)
-    p.add_argument("--batch-size", type=int, default=2048)
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--split-seed", type=int, default=0)
-    p.add_argument("--device", default="cpu")
-    p.set_defaults(func=_cmd_train)
+    p.add_argument("--epochs", type=_count(1), default=100, help="most epochs to train")
+    p.add_argument(
+        "--patience", type=_count(1), default=3, help="stop after this many epochs without valid-AUC gain"
+    )
+    p.add_argument("--batch-size", type=_count(1), default=2048, help="training batch size")
+    p.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate")
+    p.add_argument("--seed", type=_count(0), default=0, help="seed of initialisation, shuffling and dropout")
+    p.add_argument("--split-seed", type=_count(0), default=0, help="seed of the 8:1:1 train/valid/test split")
+    p.add_argument("--device", default="cpu", help="torch device to train on, e.g. cuda")
+    _plugin_flag(p)
+    _threads_flag(p)
 
-    p = sub.add_parser("inject", help="one-off trials on a checkpoint: clean vs injected metrics")
-    p.add_argument("checkpoint")
-    p.add_argument("--ber", type=float, nargs="+", required=True)
-    p.add_argument("--target", default="all")
-    p.add_argument("--params", default="all", choices=["weight", "bias", "all"])
-    p.add_argument("--runs", type=int, default=1)
-    p.add_argument("--seed", type=int, default=0)
+    p = command(sub, "inject", "one-off trials on a checkpoint: clean vs injected metrics", _cmd_inject)
+    p.add_argument("checkpoint", help="checkpoint directory (written by 'pytei train')")
+    p.add_argument("--ber", type=float, nargs="+", required=True, help="bit error rates, each in [0, 1]")
+    p.add_argument(
+        "--target", default="all", help="component to corrupt: embedding, mlp, attention, ... or all"
+    )
+    p.add_argument("--params", default="all", choices=["weight", "bias", "all"], help="which parameters")
+    p.add_argument("--runs", type=_count(1), default=1, help="trials per BER (seeds SEED, SEED+1, ...)")
+    p.add_argument("--seed", type=_count(0), default=0, help="seed of the first trial")
     p.add_argument("--data-dir", help="where the data set is now, if it moved since training")
-    p.set_defaults(func=_cmd_inject)
+    _plugin_flag(p)
 
-    campaign = sub.add_parser("campaign", help="run, resume, inspect and export fault-injection campaigns")
+    campaign = sub.add_parser(
+        "campaign",
+        help="run, resume, inspect and export fault-injection campaigns",
+        formatter_class=_HelpFormatter,
+    )
+    _debug_flag(campaign)
     csub = campaign.add_subparsers(dest="campaign_command", required=True)
     for name, func, helptext in (
         ("run", _cmd_campaign_run, "run a campaign spec (TOML) into a results database"),
         ("resume", _cmd_campaign_resume, "continue an interrupted campaign from its database"),
     ):
-        p = csub.add_parser(name, help=helptext)
-        p.add_argument("spec" if name == "run" else "db")
+        p = command(csub, name, helptext, func)
         if name == "run":
+            p.add_argument("spec", help="campaign spec (TOML), see examples/")
             p.add_argument("--db", required=True, help="SQLite results database (created if missing)")
+        else:
+            p.add_argument("db", help="the campaign's SQLite results database")
         p.add_argument(
-            "--workers", type=int, default=0, help="local worker processes (0: run in this process)"
+            "--workers",
+            type=_count(0),
+            default=0,
+            help="local worker processes of one torch thread each (0: run in this process)",
         )
         p.add_argument("--ray-address", help="run on Ray: 'local', 'auto' or 'ray://host:port'")
-        p.set_defaults(func=func)
-    p = csub.add_parser("status", help="done / failed / remaining trials, rate and ETA")
-    p.add_argument("db")
-    p.set_defaults(func=_cmd_campaign_status)
-    p = csub.add_parser("export", help="write all trials to CSV or Parquet")
-    p.add_argument("db")
-    p.add_argument("--format", choices=["csv", "parquet"], default="csv")
-    p.add_argument("--out", required=True)
-    p.set_defaults(func=_cmd_campaign_export)
+        _plugin_flag(p)
+        _threads_flag(p)
+    p = command(csub, "status", "done / failed / remaining trials, rate and ETA", _cmd_campaign_status)
+    p.add_argument("db", help="the campaign's SQLite results database")
+    p = command(csub, "export", "write all trials to CSV or Parquet", _cmd_campaign_export)
+    p.add_argument("db", help="the campaign's SQLite results database")
+    p.add_argument("--format", choices=["csv", "parquet"], default="csv", help="file format")
+    p.add_argument("--out", required=True, help="file to write")
 
-    p = sub.add_parser("report", help="figures, tables, report.md and report.html from a results database")
-    p.add_argument("db")
-    p.add_argument("--out", required=True, help="output directory")
-    p.add_argument("--title")
-    p.set_defaults(func=_cmd_report)
+    p = command(
+        sub, "report", "figures, tables, report.md and report.html from a results database", _cmd_report
+    )
+    p.add_argument("db", help="the campaign's SQLite results database")
+    p.add_argument("--out", required=True, help="output directory (created if missing)")
+    p.add_argument("--title", help="report title (default: from the campaign's name)")
 
-    p = sub.add_parser("reproduce", help="the paper's study in one resumable command, ending with the report")
-    p.add_argument("--preset", choices=["quick", "paper"], default="quick")
+    p = command(
+        sub, "reproduce", "the paper's study in one resumable command, ending with the report", _cmd_reproduce
+    )
+    p.add_argument("--preset", choices=["quick", "paper"], default="quick", help="study size")
     p.add_argument("--out", default="pytei-out", help="output folder (checkpoints, databases, report)")
     p.add_argument("--data-dir", help="folder with ratings.dat / ratings.csv / train.txt (paper preset)")
-    p.add_argument("--workers", type=int, default=0, help="local worker processes for the campaigns")
-    p.set_defaults(func=_cmd_reproduce)
+    p.add_argument(
+        "--workers",
+        type=_count(0),
+        default=0,
+        help="local worker processes (one torch thread each) for the campaigns",
+    )
+    _threads_flag(p)
     return parser
 
 
+def _debugging(args: argparse.Namespace) -> bool:
+    return bool(getattr(args, "debug", False)) or os.environ.get("PYTEI_DEBUG", "") not in ("", "0")
+
+
+def _one_line(err: BaseException) -> str:
+    """``err``'s message as one line (line breaks become spaces), its text otherwise unchanged."""
+    text = " ".join(line.strip() for line in str(err).splitlines() if line.strip())
+    return text or type(err).__name__
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run the command ``argv`` (default: ``sys.argv[1:]``); returns the exit code."""
     args = build_parser().parse_args(argv)
-    console, stderr = Console(), Console(stderr=True)
+    console = Console()
+    debug = _debugging(args)
     try:
+        if getattr(args, "threads", None):
+            import torch
+
+            torch.set_num_threads(args.threads)
         args.func(args, console)
-    except (ValueError, TypeError, FileNotFoundError, RuntimeError) as err:
-        stderr.print(f"[red]error:[/red] {err}")
-        return 2
     except KeyboardInterrupt:
-        stderr.print("[yellow]interrupted[/yellow]")
+        print("interrupted", file=sys.stderr)
         return 130
+    except (PyteiError, *PATH_ERRORS) as err:
+        if debug:
+            traceback.print_exc()
+        print(f"error: {_one_line(err)}", file=sys.stderr)
+        return 2
+    except Exception:
+        traceback.print_exc()
+        print(
+            "this is a bug in pytei or in a plugin: please report it with the traceback above",
+            file=sys.stderr,
+        )
+        return 1
     return 0
 
 
