@@ -442,3 +442,84 @@ def test_target_specs_select_through_the_injector(tmp_path):
     assert selected["all"] == {n for n, _ in model.named_parameters()}
     assert selected["mlp[-predictor.*]"] == {"bottom_mlp.0.weight", "bottom_mlp.0.bias"}
     assert math.isclose(trials[0].rate, 0.01)
+
+
+# --- registered names with options ---------------------------------------------------------------
+
+
+def test_mitigations_take_options_checked_against_the_object(tmp_path):
+    text = variant(
+        'mitigations = ["none", "clip", "protect-bits"]',
+        'mitigations = ["none", "clip", { name = "clip", low = -4, high = 4 }, '
+        '{ name = "abft", max_retries = 1, fallback = "zero", label = "abft-1" }, '
+        '{ name = "ecc", on_detect = "flag" }]',
+    )
+    spec = parse_spec(text, tmp_path)
+    labels = [m.label for m in spec.mitigations]
+    assert labels == ["none", "clip", "clip(low=-4, high=4)", "abft-1", "ecc(on_detect=flag)"]
+    assert spec.mitigations[2].options == (("low", -4.0), ("high", 4.0))  # ints become the hinted floats
+    trials = plan(spec)
+    by_label = {t.mitigation: t for t in trials if t.run == 0 and t.rate == 1e-6}
+    assert by_label["clip(low=-4, high=4)"].mitigation_name == "clip"
+    assert by_label["clip(low=-4, high=4)"].mitigation_options == {"low": -4.0, "high": 4.0}
+    assert by_label["abft-1"].mitigation_options == {"max_retries": 1, "fallback": "zero"}
+    # ecc acts on stored tensors only: no activation trials for it
+    assert not [t for t in trials if t.mitigation == "ecc(on_detect=flag)" and t.site == "activations"]
+    # plain names keep their trial ids: the options enter the hash only where there are some
+    plain = {t.trial_id for t in plan(parse_spec(BASE, tmp_path)) if t.mitigation in ("none", "clip")}
+    assert plain <= {t.trial_id for t in trials}
+    assert len({t.trial_id for t in trials}) == len(trials)
+
+
+@pytest.mark.parametrize(
+    "entry, path, words",
+    [
+        (
+            '{ name = "clip", hgh = 4 }',
+            "mitigations[1].hgh",
+            ["mitigation 'clip' has no option 'hgh'", "'high'"],
+        ),
+        (
+            '{ name = "clip", high = "4" }',
+            "mitigations[1].high",
+            ["option 'high' must be float", "'4' (str)"],
+        ),
+        (
+            '{ name = "abft", fallback = "bogus" }',
+            "mitigations[1]",
+            ["unknown ABFT fallback 'bogus'", "keep, zero"],
+        ),
+        ("{ low = 1 }", "mitigations[1].name", ["required: one of", "clip"]),
+        ('{ name = "clipp" }', "mitigations[1].name", ["must be one of", "clip-profiled"]),
+        ("3", "mitigations[1]", ["must be a mitigation name or a table"]),
+    ],
+)
+def test_bad_mitigation_options_name_the_key_the_object_and_what_is_allowed(tmp_path, entry, path, words):
+    text = variant('mitigations = ["none", "clip", "protect-bits"]', f'mitigations = ["none", {entry}]')
+    with pytest.raises(SpecError) as info:
+        parse_spec(text, tmp_path)
+    assert info.value.path == path
+    for word in words:
+        assert word in str(info.value)
+
+
+def test_repeated_mitigation_labels_are_refused(tmp_path):
+    text = variant('"none", "clip", "protect-bits"', '"none", "clip", { name = "clip" }')
+    with pytest.raises(SpecError, match=r"mitigations\[2\]: repeats mitigations\[1\]"):
+        parse_spec(text, tmp_path)
+
+
+def test_trial_kinds_are_set_at_plan_time(tmp_path):
+    spec = parse_spec(
+        variant("rates = [1e-6, 1e-4, 1e-2]", "rates = [1e-6]\nbit_sets = [[30], [0, 1]]"), tmp_path
+    )
+    assert {t.kind for t in plan(spec)} == {"bits"}
+    named = variant(
+        'targets = [{ component = "all", params = "weight" }, { component = "mlp", params = "weight" }]',
+        'targets = [{ component = "mlp", label = "v1.2" }, "per-parameter"]',
+    )
+    spec = parse_spec(named, tmp_path)
+    trials = plan(spec, parameter_names=lambda key: ["a.weight", "b.bias"])
+    kinds = {(t.target, t.kind) for t in trials}
+    assert kinds == {("v1.2", "component"), ("a.weight", "parameter"), ("b.bias", "parameter")}
+    assert {t.label for t in trials if t.model.startswith("ckpt:")} == {"a"}  # the spec's label travels

@@ -393,10 +393,15 @@ def _mitigation(value: Any, path: str) -> MitigationChoice:
     if "label" in value:
         string(label, f"{path}.label")
     raw = {k: v for k, v in value.items() if k not in ("name", "label")}
+    mtype = mitigation.register.get(name)
     try:
-        options = mitigation.register.get(name).check(raw)
+        options = mtype.check(raw)
     except OptionError as err:
         raise SpecError(f"{path}.{err.key}", str(err)) from err
+    try:  # values the object itself refuses (fallback = "bogus"), before any trial runs
+        mtype.factory(**{**mtype.defaults, **options})
+    except (ValueError, TypeError) as err:
+        raise SpecError(path, f"mitigation {name!r}: {err}") from err
     return MitigationChoice(name, tuple(options.items()), label)
 
 
