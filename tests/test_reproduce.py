@@ -9,6 +9,7 @@ from dataclasses import replace
 import pytest
 
 from pytei import reproduce as rp
+from pytei.campaign import parse_spec
 from pytei.cli import main
 from pytei.data.synthetic import write_criteo, write_movielens
 from pytei.results import load
@@ -50,9 +51,14 @@ def png_size(path) -> tuple[int, int]:
     return struct.unpack(">II", data[16:24])
 
 
+#: An output folder whose name TOML strings cannot hold unescaped (legal in Linux file names).
+AWKWARD = 'out "quoted" back\\slash'
+
+
 @pytest.fixture(scope="module")
 def quick_run(tmp_path_factory):
-    out = tmp_path_factory.mktemp("reproduce")
+    """The tiny quick preset, run into a folder named with a quote and a backslash."""
+    out = tmp_path_factory.mktemp(AWKWARD, numbered=False)
     return out / "quick", run_quick(out)
 
 
@@ -78,6 +84,30 @@ def test_quick_preset_runs_every_study_and_mitigation(quick_run):
     assert ctr.groupby(["model", "target", "rate"]).seed.nunique().eq(1).all()
     assert frames["bits"].bits.nunique() == 32
     assert frames["layers"].target.nunique() > 5
+
+
+def test_an_output_folder_with_quote_and_backslash_reaches_the_specs(quick_run):
+    """Regression: specs were TOML text with the checkpoint paths pasted in, so a path holding
+    ``"`` or ``\\`` failed to parse once every model was trained."""
+    root, _ = quick_run
+    assert '"' in str(root) and "\\" in str(root)
+    ctr = load(root / "ctr.db")
+    assert (ctr.status == "ok").all()
+    for model in rp.CTR_MODELS:
+        assert ctr.model.astype(str).str.contains(f"{model}-synthetic-ctr", regex=False).any()
+    spec = parse_spec((root / "specs" / "ctr.toml").read_text(), root / "specs")
+    assert [s["checkpoint"] for s in spec.model_specs().values()] == [
+        str(root / "checkpoints" / f"{m}-synthetic-ctr") for m in rp.CTR_MODELS
+    ]
+
+
+@pytest.mark.parametrize("study", ["_ctr_spec", "_sensitivity_spec", "_layer_spec"])
+def test_every_study_spec_round_trips_any_path(study, tmp_path):
+    ckpts = [tmp_path / 'a "b" \\c \\"d\\" [e] #f \n' / "fm-x", tmp_path / "plain" / "dcn-y"]
+    text = rp.spec_text(getattr(rp, study)(TINY, ckpts))
+    spec = parse_spec(text, tmp_path)
+    assert [s["checkpoint"] for s in spec.model_specs().values()] == [str(p) for p in ckpts]
+    assert list(spec.model_labels().values()) == ["fm-x", "dcn-y"]
 
 
 def test_quick_preset_writes_the_report(quick_run):

@@ -18,8 +18,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
+import tomli_w
 from rich.console import Console
 
 from . import models
@@ -34,11 +36,14 @@ from .train import TrainConfig, build, fit
 __all__ = ["PRESETS", "Preset", "reproduce", "find_datasets"]
 
 CTR_MODELS = ("fm", "dfm", "afm", "dcn", "wd")
-_TARGETS = """targets = [
-    { component = "all", params = "weight", label = "whole model" },
-    { component = "embedding", params = "weight", label = "embedding" },
-    { component = "all", params = "weight", exclude = ["embedding.*"], label = "neural networks" },
-]"""
+_TARGETS: list[dict[str, Any]] = [
+    {"component": "all", "params": "weight", "label": "whole model"},
+    {"component": "embedding", "params": "weight", "label": "embedding"},
+    {"component": "all", "params": "weight", "exclude": ["embedding.*"], "label": "neural networks"},
+]
+
+#: A campaign spec as data (the TOML document's tables), written with ``tomli_w``.
+SpecData = dict[str, Any]
 
 
 @dataclass(frozen=True)
@@ -113,8 +118,8 @@ def find_datasets(data_dir: str | Path | None) -> dict[str, Path]:
     return found
 
 
-def _bers(lo: float, hi: float) -> str:
-    return f"{{ start = {lo:g}, stop = {hi:g}, per_decade = 1 }}"
+def _bers(lo: float, hi: float) -> dict[str, float | int]:
+    return {"start": lo, "stop": hi, "per_decade": 1}
 
 
 def _checkpoint(
@@ -127,89 +132,91 @@ def _checkpoint(
             load_checkpoint(path, with_data=False)
             return path
         except (ValueError, FileNotFoundError):
-            console.print(f"[yellow]retraining {path}: the checkpoint is incomplete[/yellow]")
+            console.print(f"retraining {path}: the checkpoint is incomplete", style="yellow", markup=False)
     cls = models.get(model)
     options = {"n_rows": preset.synthetic_rows} if dataset == "synthetic-ctr" else {}
     data = load_data(dataset, data_dir, layout=cls.input_layout, **options)
-    console.print(f"training {model} on {dataset} ({len(data.train):,} rows)")
+    console.print(f"training {model} on {dataset} ({len(data.train):,} rows)", markup=False)
     result = fit(build(model, preset.train, field_dims=data.field_dims), data, preset.train)
     save_checkpoint(
         path, result.model, data, data_dir=data_dir, data_options=options, scores=result.summary()
     )
-    console.print(f"  {model}/{dataset}: best epoch {result.best_epoch}, test AUC {result.test_auc:.4f}")
+    console.print(
+        f"  {model}/{dataset}: best epoch {result.best_epoch}, test AUC {result.test_auc:.4f}", markup=False
+    )
     return path
 
 
-def _dummy_spec(preset: Preset) -> str:
-    grid = (
-        f"mlp_depth = [1, 2], mlp_hidden = {list(preset.dummy_hidden)}, "
-        f"embed_dim = {list(preset.dummy_embed)}, sparsity = [0.001, 0.01]"
-    )
-    return f"""name = "dummy-table1"
-runs = {preset.runs}
-targets = [
-    {{ component = "all", params = "weight", label = "whole model" }},
-    {{ component = "mlp", params = "weight", label = "mlp" }},
-    {{ component = "embedding", params = "weight", label = "embedding" }},
-]
-metrics = ["rmse"]
-
-[[models]]
-dummy = {{ {grid} }}
-samples = {preset.dummy_samples}
-
-[errors]
-model = "BitFlip"
-rates = {_bers(*preset.dummy_bers)}
-"""
+def _dummy_spec(preset: Preset) -> SpecData:
+    grid = {
+        "mlp_depth": [1, 2],
+        "mlp_hidden": list(preset.dummy_hidden),
+        "embed_dim": list(preset.dummy_embed),
+        "sparsity": [0.001, 0.01],
+    }
+    return {
+        "name": "dummy-table1",
+        "runs": preset.runs,
+        "targets": [
+            {"component": "all", "params": "weight", "label": "whole model"},
+            {"component": "mlp", "params": "weight", "label": "mlp"},
+            {"component": "embedding", "params": "weight", "label": "embedding"},
+        ],
+        "metrics": ["rmse"],
+        "models": [{"dummy": grid, "samples": preset.dummy_samples}],
+        "errors": {"model": "BitFlip", "rates": _bers(*preset.dummy_bers)},
+    }
 
 
-def _models_block(ckpts: list[Path], test_rows: int) -> str:
-    blocks = "".join(f'[[models]]\ncheckpoint = "{p}"\nlabel = "{p.name}"\n\n' for p in ckpts)
-    return blocks + f'[data]\nsplit = "test"\nmax_rows = {test_rows}\n'
+def _checkpoint_models(ckpts: list[Path], test_rows: int) -> SpecData:
+    """The spec tables naming the trained checkpoints (any path: TOML strings are escaped by tomli_w)."""
+    return {
+        "models": [{"checkpoint": str(p), "label": p.name} for p in ckpts],
+        "data": {"split": "test", "max_rows": test_rows},
+    }
 
 
-def _ctr_spec(preset: Preset, ckpts: list[Path]) -> str:
-    mitigations = ", ".join(f'"{m}"' for m in preset.mitigations)
-    return f"""name = "ctr-models"
-runs = {preset.runs}
-{_TARGETS}
-mitigations = [{mitigations}]
-metrics = ["auc", "logloss", "rmse"]
-
-{_models_block(ckpts, preset.test_rows)}
-[errors]
-model = "BitFlip"
-rates = {_bers(*preset.ctr_bers)}
-"""
+def _ctr_spec(preset: Preset, ckpts: list[Path]) -> SpecData:
+    return {
+        "name": "ctr-models",
+        "runs": preset.runs,
+        "targets": _TARGETS,
+        "mitigations": list(preset.mitigations),
+        "metrics": ["auc", "logloss", "rmse"],
+        **_checkpoint_models(ckpts, preset.test_rows),
+        "errors": {"model": "BitFlip", "rates": _bers(*preset.ctr_bers)},
+    }
 
 
-def _sensitivity_spec(preset: Preset, ckpts: list[Path]) -> str:
-    bit_sets = ", ".join(f"[{b}]" for b in range(31, -1, -1))
-    return f"""name = "per-bit-sensitivity"
-runs = {preset.runs}
-targets = [{{ component = "all", params = "weight", label = "whole model" }}]
-metrics = ["auc", "rmse"]
+def _sensitivity_spec(preset: Preset, ckpts: list[Path]) -> SpecData:
+    return {
+        "name": "per-bit-sensitivity",
+        "runs": preset.runs,
+        "targets": [{"component": "all", "params": "weight", "label": "whole model"}],
+        "metrics": ["auc", "rmse"],
+        **_checkpoint_models(ckpts, preset.test_rows),
+        "errors": {
+            "model": "BitFlip",
+            "rates": [preset.sensitivity_ber],
+            "bit_sets": [[b] for b in range(31, -1, -1)],
+        },
+    }
 
-{_models_block(ckpts, preset.test_rows)}
-[errors]
-model = "BitFlip"
-rates = [{preset.sensitivity_ber:g}]
-bit_sets = [{bit_sets}]
-"""
+
+def _layer_spec(preset: Preset, ckpts: list[Path]) -> SpecData:
+    return {
+        "name": "per-layer-vulnerability",
+        "runs": preset.runs,
+        "targets": "per-parameter",
+        "metrics": ["auc", "rmse"],
+        **_checkpoint_models(ckpts, preset.test_rows),
+        "errors": {"model": "BitFlip", "rates": [1e-4, 1e-3]},
+    }
 
 
-def _layer_spec(preset: Preset, ckpts: list[Path]) -> str:
-    return f"""name = "per-layer-vulnerability"
-runs = {preset.runs}
-targets = "per-parameter"
-metrics = ["auc", "rmse"]
-
-{_models_block(ckpts, preset.test_rows)}
-[errors]
-model = "BitFlip"
-rates = [1e-4, 1e-3]
-"""
+def spec_text(data: SpecData) -> str:
+    """``data`` as a TOML document (written by ``tomli_w``, so any path or label round-trips)."""
+    return tomli_w.dumps(data)
 
 
 def reproduce(
@@ -230,8 +237,10 @@ def reproduce(
     (out / "specs").mkdir(parents=True, exist_ok=True)
     if preset == "paper" and not datasets:
         console.print(
-            f"[yellow]no data set found in {data_dir}; the CTR models use the synthetic CTR data set "
-            f"(expected files: {', '.join(f'{k}: {v}' for k, v in _DATA_FILES.items())})[/yellow]"
+            f"no data set found in {data_dir}; the CTR models use the synthetic CTR data set "
+            f"(expected files: {', '.join(f'{k}: {v}' for k, v in _DATA_FILES.items())})",
+            style="yellow",
+            markup=False,
         )
     if not datasets:
         datasets = {"synthetic-ctr": None}
@@ -245,16 +254,16 @@ def reproduce(
         "layers": _layer_spec(cfg, ckpts),
     }
     frames = []
-    for name, text in studies.items():
-        spec_path = out / "specs" / f"{name}.toml"
-        spec_path.write_text(text)
+    for name, data in studies.items():
+        text = spec_text(data)
+        (out / "specs" / f"{name}.toml").write_text(text, encoding="utf-8")
         spec = parse_spec(text, out / "specs")
-        console.print(f"[bold]{spec.name}[/bold]")
+        console.print(spec.name, style="bold", markup=False)
         result = run_campaign(spec, out / f"{name}.db", base_dir=out / "specs", workers=workers)
         console.print(f"  {result.ran} trials run, {result.skipped} resumed, {result.failed} failed")
         frames.append(load_results(out / f"{name}.db"))
     report = write_report(
         pd.concat(frames, ignore_index=True), out / "report", title=f"pytei reproduce --preset {preset}"
     )
-    console.print(f"report: {report} and {report.with_suffix('.html')}")
+    console.print(f"report: {report} and {report.with_suffix('.html')}", markup=False)
     return report
