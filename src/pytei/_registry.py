@@ -213,10 +213,10 @@ def _convert(value: Any, hint: Any) -> tuple[bool, Any]:
         if not isinstance(value, dict):
             return False, value
         key_hint, value_hint = args if len(args) == 2 else (Any, Any)
-        items = [(_convert(k, key_hint), _convert(v, value_hint)) for k, v in value.items()]
-        if not all(k[0] and v[0] for k, v in items):
+        pairs_kv = [(_convert(k, key_hint), _convert(v, value_hint)) for k, v in value.items()]
+        if not all(k[0] and v[0] for k, v in pairs_kv):
             return False, value
-        return True, {k[1]: v[1] for k, v in items}
+        return True, {k[1]: v[1] for k, v in pairs_kv}
     if isinstance(hint, type):
         return isinstance(value, hint), value
     return True, value  # a hint this checker does not model (a Protocol, a TypeVar): the object checks

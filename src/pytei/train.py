@@ -72,8 +72,8 @@ def predict(
     """Raw logits of ``model`` on every row of ``split`` (eval mode, CPU float32 result)."""
     was_training = model.training
     model.eval()
-    device = device or next(model.parameters()).device
-    out = [model(*(t.to(device) for t in inputs)).float().cpu() for inputs, _ in split.batches(batch_size)]
+    target: str | torch.device = device or next(model.parameters()).device
+    out = [model(*(t.to(target) for t in inputs)).float().cpu() for inputs, _ in split.batches(batch_size)]
     model.train(was_training)
     return torch.cat(out) if out else torch.empty(0)
 
@@ -133,6 +133,7 @@ def fit(
                 stale += 1
                 if stale >= config.patience:
                     break
+    assert best_state is not None  # at least one epoch ran (config.epochs >= 1)
     model.load_state_dict(best_state)
     model.eval()
     logits = predict(model, data.test)

@@ -190,7 +190,7 @@ class RayExecutor:
             _RayWorker
         )
         self.ray = ray
-        self.actors = [actor.remote(tuple(plugin_modules)) for _ in range(n)]
+        self.actors: list[Any] = [actor.remote(tuple(plugin_modules)) for _ in range(n)]
         self.pool = ActorPool(self.actors)
 
     def run(self, trials: list[Trial]) -> Iterator[TrialRow]:

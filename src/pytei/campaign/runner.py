@@ -19,13 +19,14 @@ import os
 import socket
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
 from torch import nn
 
 from .. import metrics
+from ..errors import Faults
 from ..injector import Injector, Protection, parameter_digest
 from ..mitigation import Mitigation, mitigate
 from ..mitigation import register as mitigations
@@ -96,7 +97,7 @@ class _RowIndex:
         while self._handles:
             self._handles.pop().remove()
 
-    def affected(self, faults: dict, n_batches: int) -> list[int] | None:
+    def affected(self, faults: Mapping[str, Faults], n_batches: int) -> list[int] | None:
         """Batches that read a corrupted row, or None if some fault is outside the tables."""
         hit = torch.zeros(n_batches, dtype=torch.bool)
         for pname, f in faults.items():
@@ -180,11 +181,12 @@ class ModelRunner:
         """Prefix activations per batch under mitigation ``name``. Called only while that
         mitigation is attached and the faults sit in the suffix, so the prefix is clean."""
         if name not in self._prefix:
-            self._prefix[name] = [self.model.forward_prefix(*b) for b in self.ev.batches]
+            forward_prefix = getattr(self.model, "forward_prefix")  # noqa: B009 - duck-typed protocol
+            self._prefix[name] = [forward_prefix(*b) for b in self.ev.batches]
         return self._prefix[name]
 
     @torch.no_grad()
-    def _outputs(self, trial: Trial, faults: dict) -> tuple[torch.Tensor, str]:
+    def _outputs(self, trial: Trial, faults: Mapping[str, Faults]) -> tuple[torch.Tensor, str]:
         """Outputs under the current faults, and which path computed them."""
         if trial.site != "weights" or not self.fast:
             return self._forward_all(), "full"
@@ -192,17 +194,18 @@ class ModelRunner:
             return self.clean(trial), "clean"
         out = self.clean(trial).clone()
         bounds = [0]
-        for b in self.ev.batches:
-            bounds.append(bounds[-1] + b[0].shape[0])
+        for batch in self.ev.batches:
+            bounds.append(bounds[-1] + batch[0].shape[0])
         todo = self.rows.affected(faults, len(self.ev.batches))
         path = "rows"
         if todo is None:
             todo, path = list(range(len(self.ev.batches))), "full"
         suffix_only = bool(self._suffix_params) and set(faults) <= self._suffix_params
         prefix = self._prefix_batches(trial.mitigation) if suffix_only else None
+        forward_suffix = getattr(self.model, "forward_suffix", None)
         for b in todo:
-            if prefix is not None:
-                y = self.model.forward_suffix(prefix[b])
+            if prefix is not None and forward_suffix is not None:
+                y = forward_suffix(prefix[b])
             else:
                 y = self.model(*self.ev.batches[b])
             out[bounds[b] : bounds[b + 1]] = y.float().reshape(-1)

@@ -153,6 +153,8 @@ class CheckpointSource:
 
     def load(self, key: str, model_spec: dict, batch_size: int) -> Evaluation:
         ckpt = load_checkpoint(model_spec["checkpoint"])
+        if ckpt.data is None:
+            raise ValueError(f"checkpoint {model_spec['checkpoint']} was loaded without its data")
         split = ckpt.data.valid if model_spec.get("split") == "valid" else ckpt.data.test
         inputs, labels = split.inputs, split.labels
         if model_spec.get("max_rows"):

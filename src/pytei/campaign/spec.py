@@ -35,7 +35,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from .. import errors, metrics, mitigation, plugins
 from .._registry import OptionError
@@ -102,7 +102,7 @@ class ErrorGrid:
         """``(x value, error dict)`` for every rate and bit set, rate-major; builds each model once."""
         entry = errors.register.entry(self.model)
         cls, swept = entry.obj, entry.meta["swept"]
-        has_bits = any(f.name == "bits" for f in dataclasses.fields(cls))
+        has_bits = any(f.name == "bits" for f in _fields(cls))
         out = []
         for rate, bits in itertools.product(self.rates, self.bit_sets):
             kwargs = {swept: rate, **dict(self.options), **({"bits": bits} if has_bits else {})}
@@ -215,6 +215,11 @@ class Spec:
         raise KeyError(f"no mitigation {label!r} in spec {self.name!r}")
 
 
+def _fields(cls: type) -> tuple[dataclasses.Field, ...]:
+    """The fields of a registered error model (a dataclass: ``errors.register`` checks it)."""
+    return dataclasses.fields(cast(Any, cls))
+
+
 def make_error(error: Mapping[str, Any]) -> errors.ErrorModel:
     """The error model an error dict (``{"model": "BitFlip", "ber": 1e-6, "bits": None}``) describes."""
     name = error.get("model")
@@ -295,7 +300,7 @@ def _errors(value: Any, path: str) -> ErrorGrid:
     name = choice(names)(value["model"], f"{path}.model")
     entry = errors.register.entry(name)
     cls, swept = entry.obj, entry.meta["swept"]
-    fields = {f.name: f for f in dataclasses.fields(cls) if f.name != swept and f.init}
+    fields = {f.name: f for f in _fields(cls) if f.name != swept and f.init}
     options = [f for n, f in fields.items() if n != "bits"]
     bit_keys = ("bits", "bit_sets") if "bits" in fields else ()
     t = Table(value, path, ("model", "rates", *(f.name for f in options), *bit_keys))

@@ -319,7 +319,7 @@ class _NpyWriter:
 
     def write(self, row: int, rows: np.ndarray) -> None:
         data = np.ascontiguousarray(rows).reshape(-1).view(np.uint8)
-        os.pwrite(self.fd, data, self.offset + row * self.row_bytes)
+        os.pwrite(self.fd, data.data, self.offset + row * self.row_bytes)
 
     def close(self) -> None:
         os.close(self.fd)
@@ -496,6 +496,7 @@ def load_criteo(
 def _dataset(cache: Path, meta: dict[str, Any], layout: str, seed: int) -> CTRDataset:
     """Splits as zero-copy views of the cached arrays."""
     labels, fields = _tensor(cache / "labels.npy"), _tensor(cache / "fields.npy")
+    inputs: tuple[torch.Tensor, ...]
     if layout == "categorical":
         inputs, field_dims, dense_dim = (fields,), meta["field_dims"], 0
     else:

@@ -260,9 +260,13 @@ def _criteo_chunk(rng: np.random.Generator, n: int) -> pd.DataFrame:
     labels = (rng.random(n) < 1.0 / (1.0 + np.exp(-logit))).astype(np.int64)
     columns: dict[str, object] = {"label": labels}
     for j in range(N_INT):
-        columns[f"I{j + 1}"] = pd.array(np.where(int_missing[:, j], None, counts[:, j]), dtype="Int64")
+        column = counts[:, j].astype(object)
+        column[int_missing[:, j]] = None
+        columns[f"I{j + 1}"] = pd.array(column, dtype="Int64")
     for j in range(N_CAT):
-        columns[f"C{j + 1}"] = np.where(cat_missing[:, j], None, _hex8(hashes[:, j]).astype(object))
+        text = _hex8(hashes[:, j]).astype(object)
+        text[cat_missing[:, j]] = None
+        columns[f"C{j + 1}"] = text
     return pd.DataFrame(columns)
 
 

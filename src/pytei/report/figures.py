@@ -73,9 +73,13 @@ class Style:
     width: float = 1.6
 
 
+#: matplotlib's ten categorical colours.
+_TAB10 = [colormaps["tab10"](k) for k in range(10)]
+
+
 def styles(names: Iterable[str]) -> dict[str, Style]:
     """A distinct colour, marker and line style per name (sorted), the same in every figure."""
-    palette = colormaps["tab10"].colors
+    palette = _TAB10
     out = {}
     for k, name in enumerate(sorted(set(names))):
         out[name] = Style(palette[k % 10], _MARKERS[k % len(_MARKERS)], _LINESTYLES[(k // 10) % 4])
@@ -85,7 +89,7 @@ def styles(names: Iterable[str]) -> dict[str, Style]:
 def mitigation_styles(names: Iterable[str]) -> dict[str, Style]:
     """Mitigations in colour; "none" black, dashed, thick and on top, so no mitigation line can hide it."""
     order = ordered([*MITIGATION_ORDER, *names], MITIGATION_ORDER)
-    palette = colormaps["tab10"].colors
+    palette = _TAB10
     out = {m: Style(palette[k % 10], _MARKERS[k % len(_MARKERS)], "-") for k, m in enumerate(order[1:])}
     out["none"] = Style("black", "o", "--", zorder=5.0, width=2.2)
     return out
@@ -243,7 +247,8 @@ def _cell_color(cell: Any, cmap: Any, norm: LogNorm) -> tuple[float, ...]:
         return to_rgba(_NAN_COLOR)
     if math.isinf(cell.ranked):
         return to_rgba(_INF_COLOR)
-    return tuple(cmap(norm(max(cell.ranked, float(norm.vmin)))))
+    low = cell.ranked if norm.vmin is None else float(norm.vmin)
+    return tuple(cmap(norm(max(cell.ranked, low))))
 
 
 def plot_rmse_heatmaps(cells: pd.DataFrame, path: Path, title: str) -> Path:
