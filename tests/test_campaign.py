@@ -154,3 +154,72 @@ def test_extra_is_json(spec_path, tmp_path):
     run_campaign(load_spec(spec_path), tmp_path / "r.db", progress=False)
     extra = [json.loads(e) for e in load(tmp_path / "r.db").extra]
     assert {e["path"] for e in extra} <= {"clean", "rows", "suffix", "full"}
+
+
+ADAPTIVE = """
+name = "adaptive"
+seed = 1
+targets = [{ component = "mlp", params = "weight" }]
+mitigations = ["none", "clip"]
+metrics = ["rmse", "agree"]
+
+[confidence]
+metric = "agree"
+halfwidth = 0.3
+min_runs = 3
+max_runs = 9
+
+[[models]]
+dummy = { mlp_depth = 1, mlp_hidden = 16, embed_dim = 8, sparsity = 0.02, sparse_dim = 64, dense_dim = 8 }
+samples = 200
+
+[errors]
+model = "BitFlip"
+rates = [1e-5, 3e-3, 3e-2]
+"""
+
+
+@pytest.fixture
+def agree_metric():
+    """A bounded metric of the clean outputs (share of outputs within 1e-6 of them), so the
+    distribution-free interval can close before max_runs (an RMSE's upper end is unbounded)."""
+    from pytei import metrics
+
+    def agree(s, y, g):
+        return float(((s - g).abs() <= 1e-6).double().mean())
+
+    metrics.register("agree", agree, needs_golden=True, bounds=(0.0, 1.0))
+    yield
+    metrics.register.remove("agree")
+
+
+def test_adaptive_confidence_campaign_stops_each_point_by_the_rule(tmp_path, agree_metric):
+    from pytei import stats
+
+    path = tmp_path / "adaptive.toml"
+    path.write_text(ADAPTIVE)
+    spec = load_spec(path)
+    conf = spec.confidence
+    first = run_campaign(spec, tmp_path / "a.db", progress=False)
+    df = load(tmp_path / "a.db")
+    assert first.failed == 0 and first.ran == len(df) and first.planned == 3 * 2 * conf.max_runs
+    stopped = set()
+    for _, point in df.groupby(["rate", "mitigation"]):
+        runs = sorted(point["run"])
+        assert runs == list(range(len(runs)))  # runs are taken in order, none skipped
+        values = point.sort_values("run")["agree"].tolist()
+
+        def halfwidth(n):
+            low, high = stats.interval(values[:n], level=conf.level, bounds=(0.0, 1.0))
+            return (high - low) / 2
+
+        # the stopping rule, replayed: the first n >= min_runs whose interval is narrow enough
+        expected = next(
+            (n for n in range(conf.min_runs, conf.max_runs) if halfwidth(n) <= conf.halfwidth), conf.max_runs
+        )
+        assert len(runs) == expected, (point["rate"].iloc[0], point["mitigation"].iloc[0], values)
+        stopped.add(len(runs))
+    assert min(stopped) < conf.max_runs  # some points (no fault landed: all agree) stopped early
+    assert min(stopped) >= conf.min_runs
+    again = run_campaign(spec, tmp_path / "a.db", progress=False)  # a finished adaptive campaign is done
+    assert again.ran == 0 and again.skipped == len(df)

@@ -20,7 +20,17 @@ Semantics a reader of a spec needs to know:
 * ``protect-bits`` and ``ecc`` filter faults on their way into stored tensors, so with the
   ``activations`` site they do nothing: the planner skips those trials;
 * with a ``[confidence]`` table the number of runs adapts per point (between ``min_runs`` and
-  ``max_runs``) and ``runs`` must not be given; ``Spec.runs`` is then ``max_runs``.
+  ``max_runs``) and ``runs`` must not be given; ``Spec.runs`` is then ``max_runs``. A point stops
+  once the half-width of the distribution-free interval of its mean (``pytei.stats.interval``,
+  inside the metric's range) is at most ``halfwidth``. That interval is honest about few runs
+  (with n runs all equal its width is still the KS band, 0.56 of the range at n = 5, 0.29 at 20),
+  so an AUC needs ``halfwidth`` >= 0.15 to stop within 20 runs (0.1 within 50), and a metric
+  unbounded above (``rmse``) never stops early: its interval's upper end is infinite;
+* mitigations and error models are registered names (``pytei.mitigation.register``,
+  ``pytei.errors.register``); a mitigation may be a table with its options
+  (``{ name = "clip", low = -4, high = 4 }``), checked against the object's signature;
+* ``plugins = ["my_pkg.models"]`` imports modules (that register more names) before the rest of
+  the spec is checked.
 """
 
 from __future__ import annotations
