@@ -209,7 +209,7 @@ def test_adaptive_confidence_campaign_stops_each_point_by_the_rule(tmp_path, agr
         assert runs == list(range(len(runs)))  # runs are taken in order, none skipped
         values = point.sort_values("run")["agree"].tolist()
 
-        def halfwidth(n):
+        def halfwidth(n, values=values):
             low, high = stats.interval(values[:n], level=conf.level, bounds=(0.0, 1.0))
             return (high - low) / 2
 
