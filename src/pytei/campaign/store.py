@@ -387,10 +387,6 @@ class Store:
             out.append({c: row[c] for c in COLUMNS})
         return out
 
-    def metric_names(self) -> list[str]:
-        """Names of the stored metrics, sorted."""
-        return [r[0] for r in self._con.execute("SELECT DISTINCT name FROM metrics ORDER BY name")]
-
     # --- progress ----------------------------------------------------------------------------
 
     def counts(self) -> dict:
