@@ -310,3 +310,30 @@ def test_campaign_commands_load_plugins_first_and_pass_them_on(
         capsys.readouterr().err
     )
     assert seen["loaded"] and seen["plugins"] == (plugin, "json") and seen["workers"] == 2
+
+
+TINY_SPEC = """name = "tiny"
+runs = 1
+metrics = ["rmse"]
+
+[[models]]
+dummy = { mlp_depth = 1, mlp_hidden = 64, embed_dim = 64, sparsity = 0.01 }
+samples = 32
+
+[errors]
+model = "BitFlip"
+rates = [1e-5]
+"""
+
+
+def test_campaign_output_lines_are_not_wrapped_and_export_makes_its_folder(tmp_path, capsys):
+    spec = tmp_path / "tiny.toml"
+    spec.write_text(TINY_SPEC)
+    db = tmp_path / ("a-long-folder-name-" * 4) / "results.db"
+    db.parent.mkdir()
+    assert main(["campaign", "run", str(spec), "--db", str(db), "--threads", "1"]) == 0
+    out = capsys.readouterr().out
+    assert f"1 planned -> {db}\n" in out  # one line in a log, however long
+    csv = tmp_path / "pytei-out" / "nested" / "tiny.csv"
+    assert main(["campaign", "export", str(db), "--out", str(csv)]) == 0
+    assert csv.is_file() and f"wrote {csv}" in capsys.readouterr().out

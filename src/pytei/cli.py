@@ -96,7 +96,7 @@ def _load_plugins(args: argparse.Namespace) -> None:
 
 def _say(console: Console, text: str) -> None:
     """Print ``text`` as it is (no rich markup: a ``[confidence]`` in a name stays as written)."""
-    console.print(text, markup=False)
+    console.print(text, markup=False, soft_wrap=True)  # soft_wrap: one line in a log, not 80 columns
 
 
 def _cmd_demo(args: argparse.Namespace, console: Console) -> None:
@@ -281,6 +281,7 @@ def _cmd_campaign_export(args: argparse.Namespace, console: Console) -> None:
         raise FileNotFoundError(f"no campaign database at {args.db}")
     if args.format == "parquet" and importlib.util.find_spec("pyarrow") is None:
         raise CLIError("--format parquet needs pyarrow, which is not installed: pip install 'pytei[parquet]'")
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     out = export(args.db, args.out, fmt=args.format)
     _say(console, f"wrote {out}")
 
