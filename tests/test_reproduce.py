@@ -114,7 +114,7 @@ def test_quick_preset_writes_the_report(quick_run):
     root, output = quick_run
     report = root / "report" / "report.md"
     assert report.is_file() and (root / "report" / "report.html").is_file()
-    assert str(report) in output.replace("\n", "")
+    assert f"report: {report} and {report.with_suffix('.html')}\n" in output  # one line, not wrapped
     text = report.read_text()
     for section in ("RMSE", "AUC", "Mitigation", "bit", "layer", "failure BER"):
         assert section.lower() in text.lower(), section

@@ -35,6 +35,9 @@ PATH_ERRORS: tuple[type[OSError], ...] = (
     NotADirectoryError,
 )
 
+#: What the CLI reports as the user's mistake (one line, exit code 2).
+USER_ERRORS: tuple[type[Exception], ...] = (PyteiError, *PATH_ERRORS)
+
 #: Example values for config keys that models require, used in the hint of a missing key.
 _CONFIG_EXAMPLES: dict[str, object] = {"field_dims": [6041, 3953], "dense_dim": 13}
 
@@ -134,6 +137,7 @@ def _cmd_train(args: argparse.Namespace, console: Console) -> None:
     options = _json_object("--data-options", args.data_options)
     config = _json_object("--model-config", args.model_config)
     cls = models.get(args.model)
+    layout: str = getattr(cls, "input_layout", "categorical")  # every registered model has one
     with _checking("training options"):
         train_cfg = TrainConfig(
             lr=args.lr,
@@ -144,7 +148,7 @@ def _cmd_train(args: argparse.Namespace, console: Console) -> None:
             device=args.device,
         )
     with _checking(f"data set {args.dataset!r}"):
-        data = load(args.dataset, args.data_dir, seed=args.split_seed, layout=cls.input_layout, **options)
+        data = load(args.dataset, args.data_dir, seed=args.split_seed, layout=layout, **options)
     _say(
         console,
         f"{data.name}: {len(data.train):,} train / {len(data.valid):,} valid / {len(data.test):,} test rows, "
@@ -509,7 +513,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
-    except (PyteiError, *PATH_ERRORS) as err:
+    except USER_ERRORS as err:
         if debug:
             traceback.print_exc()
         print(f"error: {_one_line(err)}", file=sys.stderr)

@@ -132,11 +132,17 @@ def _checkpoint(
             load_checkpoint(path, with_data=False)
             return path
         except (ValueError, FileNotFoundError):
-            console.print(f"retraining {path}: the checkpoint is incomplete", style="yellow", markup=False)
+            console.print(
+                f"retraining {path}: the checkpoint is incomplete",
+                style="yellow",
+                markup=False,
+                soft_wrap=True,
+            )
     cls = models.get(model)
     options = {"n_rows": preset.synthetic_rows} if dataset == "synthetic-ctr" else {}
-    data = load_data(dataset, data_dir, layout=cls.input_layout, **options)
-    console.print(f"training {model} on {dataset} ({len(data.train):,} rows)", markup=False)
+    layout: str = getattr(cls, "input_layout", "categorical")  # every registered model has one
+    data = load_data(dataset, data_dir, layout=layout, **options)
+    console.print(f"training {model} on {dataset} ({len(data.train):,} rows)", markup=False, soft_wrap=True)
     result = fit(build(model, preset.train, field_dims=data.field_dims), data, preset.train)
     save_checkpoint(
         path, result.model, data, data_dir=data_dir, data_options=options, scores=result.summary()
@@ -233,7 +239,7 @@ def reproduce(
     console = console or Console()
     cfg = PRESETS[preset]
     out = Path(out).expanduser().resolve() / preset
-    datasets = find_datasets(data_dir) if preset == "paper" else {}
+    datasets: dict[str, Path | None] = {**find_datasets(data_dir)} if preset == "paper" else {}
     (out / "specs").mkdir(parents=True, exist_ok=True)
     if preset == "paper" and not datasets:
         console.print(
@@ -241,6 +247,7 @@ def reproduce(
             f"(expected files: {', '.join(f'{k}: {v}' for k, v in _DATA_FILES.items())})",
             style="yellow",
             markup=False,
+            soft_wrap=True,
         )
     if not datasets:
         datasets = {"synthetic-ctr": None}
@@ -258,12 +265,14 @@ def reproduce(
         text = spec_text(data)
         (out / "specs" / f"{name}.toml").write_text(text, encoding="utf-8")
         spec = parse_spec(text, out / "specs")
-        console.print(spec.name, style="bold", markup=False)
+        console.print(spec.name, style="bold", markup=False, soft_wrap=True)
         result = run_campaign(spec, out / f"{name}.db", base_dir=out / "specs", workers=workers)
-        console.print(f"  {result.ran} trials run, {result.skipped} resumed, {result.failed} failed")
+        console.print(
+            f"  {result.ran} trials run, {result.skipped} resumed, {result.failed} failed", soft_wrap=True
+        )
         frames.append(load_results(out / f"{name}.db"))
     report = write_report(
         pd.concat(frames, ignore_index=True), out / "report", title=f"pytei reproduce --preset {preset}"
     )
-    console.print(f"report: {report} and {report.with_suffix('.html')}", markup=False)
+    console.print(f"report: {report} and {report.with_suffix('.html')}", markup=False, soft_wrap=True)
     return report
