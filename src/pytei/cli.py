@@ -120,7 +120,7 @@ def _cmd_describe(args: argparse.Namespace, console: Console) -> None:
         config = _json_object("--config", args.config)
         cls = models.get(args.model)
         _missing_config(args.model, cls, config, "--config")
-        with _checking(f"model {args.model!r} with --config {json.dumps(config)}"):
+        with _checking("--config"):
             model = models.create(args.model, **config)
     rows = describe(model)
     console.print(rows)
@@ -155,7 +155,7 @@ def _cmd_train(args: argparse.Namespace, console: Console) -> None:
         f"{len(data.field_dims)} fields",
     )
     model_config = {"field_dims": data.field_dims, **_dense_kw(cls, data), **config}
-    with _checking(f"model {args.model!r} with --model-config {json.dumps(config)}"):
+    with _checking("--model-config"):
         model = build(args.model, train_cfg, **model_config)
     result = fit(model, data, train_cfg)
     out = save_checkpoint(
