@@ -337,3 +337,12 @@ def test_campaign_output_lines_are_not_wrapped_and_export_makes_its_folder(tmp_p
     csv = tmp_path / "pytei-out" / "nested" / "tiny.csv"
     assert main(["campaign", "export", str(db), "--out", str(csv)]) == 0
     assert csv.is_file() and f"wrote {csv}" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("command", ["describe", "inject"])
+def test_a_corrupt_checkpoint_is_one_line(command, tmp_path, capsys):
+    (tmp_path / "meta.json").write_text("{not json")
+    argv = [command, str(tmp_path)] + (["--ber", "1e-3"] if command == "inject" else [])
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: checkpoint: corrupt checkpoint metadata") and err.count("\n") == 1

@@ -115,7 +115,8 @@ def _cmd_describe(args: argparse.Namespace, console: Console) -> None:
 
     _load_plugins(args)
     if Path(args.model).is_dir():
-        model = load_checkpoint(args.model, with_data=False).model
+        with _checking("checkpoint"):
+            model = load_checkpoint(args.model, with_data=False).model
     else:
         config = _json_object("--config", args.config)
         cls = models.get(args.model)
