@@ -345,4 +345,4 @@ def test_a_corrupt_checkpoint_is_one_line(command, tmp_path, capsys):
     argv = [command, str(tmp_path)] + (["--ber", "1e-3"] if command == "inject" else [])
     assert main(argv) == 2
     err = capsys.readouterr().err
-    assert err.startswith("error: checkpoint: corrupt checkpoint metadata") and err.count("\n") == 1
+    assert err.startswith("error: corrupt checkpoint metadata") and err.count("\n") == 1

@@ -19,6 +19,7 @@ from torch import nn
 from . import models
 from .data import CTRDataset
 from .data import load as load_data
+from .exceptions import CheckpointError
 
 __all__ = ["Checkpoint", "save_checkpoint", "load_checkpoint", "WEIGHTS", "META"]
 
@@ -91,10 +92,10 @@ def _read_meta(directory: Path) -> dict:
     try:
         meta = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ValueError(f"corrupt checkpoint metadata {path}: {err}") from None
+        raise CheckpointError(f"corrupt checkpoint metadata {path}: {err}") from err
     found = meta.get("format") if isinstance(meta, dict) else None
     if found != _FORMAT:
-        raise ValueError(f"{path}: not a {_FORMAT} file (format={found!r})")
+        raise CheckpointError(f"{path}: not a {_FORMAT} file (format={found!r})")
     return meta
 
 
@@ -116,14 +117,14 @@ def load_checkpoint(
     try:
         model = models.create(meta["model"]["name"], **meta["model"]["config"])
     except (KeyError, TypeError) as err:
-        raise ValueError(f"{directory / META}: cannot rebuild the model: {err}") from None
+        raise CheckpointError(f"{directory / META}: cannot rebuild the model: {err}") from err
     weights = directory / WEIGHTS
     if not weights.is_file():
         raise FileNotFoundError(f"{directory} is not a pytei checkpoint: {WEIGHTS} is missing")
     try:
         load_model(model, str(weights), strict=True)
     except (SafetensorError, RuntimeError, OSError) as err:
-        raise ValueError(f"corrupt checkpoint weights {weights}: {err}") from None
+        raise CheckpointError(f"corrupt checkpoint weights {weights}: {err}") from err
     model.to(device).eval()
     data = None
     if with_data:
@@ -131,7 +132,7 @@ def load_checkpoint(
         where = data_dir if data_dir is not None else d["data_dir"]
         data = load_data(d["name"], where, seed=d["split_seed"], layout=d["layout"], **d["options"])
         if data.fingerprint != d["fingerprint"]:
-            raise ValueError(
+            raise CheckpointError(
                 f"the data set {d['name']} at {where} differs from the one this checkpoint was trained on "
                 f"(fingerprint {data.fingerprint[:12]} != {d['fingerprint'][:12]})"
             )

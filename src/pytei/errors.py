@@ -20,6 +20,7 @@ import torch
 
 from ._registry import Registry
 from .bits import BitLayout, bit_values
+from .exceptions import ArgumentError
 from .sampling import bernoulli_positions, check_rate, generator_for, sample_without_replacement
 
 __all__ = [
@@ -89,7 +90,7 @@ def _bit_table(bits: Sequence[int] | None, lay: BitLayout, who: str) -> torch.Te
         return values
     bad = [b for b in bits if not 0 <= b < lay.width]
     if bad:
-        raise ValueError(
+        raise ArgumentError(
             f"{who}: bit positions {bad} do not exist in {lay.dtype} (allowed 0..{lay.width - 1})"
         )
     return values[torch.tensor(list(bits), dtype=torch.int64)]
@@ -100,9 +101,9 @@ def _check_bits(bits: Sequence[int] | None, who: str) -> tuple[int, ...] | None:
         return None
     out = tuple(bits)
     if not out or any(isinstance(b, bool) or not isinstance(b, int) for b in out):
-        raise ValueError(f"{who}: bits must be a non-empty list of bit positions (ints), got {bits!r}")
+        raise ArgumentError(f"{who}: bits must be a non-empty list of bit positions (ints), got {bits!r}")
     if len(set(out)) != len(out):
-        raise ValueError(f"{who}: bits must be distinct, got {bits!r}")
+        raise ArgumentError(f"{who}: bits must be distinct, got {bits!r}")
     return tuple(sorted(out))
 
 
@@ -153,7 +154,7 @@ class BitRates(ErrorModel):
 
     def __post_init__(self) -> None:
         if not self.rates:
-            raise ValueError("BitRates needs at least one {bit: rate} entry")
+            raise ArgumentError("BitRates needs at least one {bit: rate} entry")
         checked = {}
         for b, r in dict(self.rates).items():
             _check_bits([b], "BitRates")
@@ -186,7 +187,7 @@ class StuckAt(ErrorModel):
     def __post_init__(self) -> None:
         object.__setattr__(self, "rate", check_rate("StuckAt rate", self.rate))
         if self.value not in (0, 1) or isinstance(self.value, bool):
-            raise ValueError(f"StuckAt value must be 0 or 1, got {self.value!r}")
+            raise ArgumentError(f"StuckAt value must be 0 or 1, got {self.value!r}")
         object.__setattr__(self, "bits", _check_bits(self.bits, "StuckAt"))
 
     def draw_one(self, w: Words, generator: torch.Generator) -> Faults:
@@ -212,7 +213,7 @@ class RandomValue(ErrorModel):
     def __post_init__(self) -> None:
         object.__setattr__(self, "rate", check_rate("RandomValue rate", self.rate))
         if not float(self.low) < float(self.high):
-            raise ValueError(f"RandomValue needs low < high, got low={self.low!r}, high={self.high!r}")
+            raise ArgumentError(f"RandomValue needs low < high, got low={self.low!r}, high={self.high!r}")
 
     def draw_one(self, w: Words, generator: torch.Generator) -> Faults:
         index = bernoulli_positions(w.numel, self.rate, generator)
@@ -226,7 +227,7 @@ class RandomValue(ErrorModel):
             lo, hi = int(self.low), int(self.high)
             info = torch.iinfo(lay.dtype)
             if lo < info.min or hi > info.max:
-                raise ValueError(
+                raise ArgumentError(
                     f"RandomValue range [{lo}, {hi}] does not fit {lay.dtype} ({info.min}..{info.max})"
                 )
             new = torch.randint(lo, hi + 1, (index.numel(),), generator=generator, dtype=torch.int64)
@@ -244,7 +245,7 @@ class FlipCount(ErrorModel):
 
     def __post_init__(self) -> None:
         if isinstance(self.k, bool) or not isinstance(self.k, int) or self.k < 0:
-            raise ValueError(f"FlipCount k must be a non-negative int, got {self.k!r}")
+            raise ArgumentError(f"FlipCount k must be a non-negative int, got {self.k!r}")
         object.__setattr__(self, "bits", _check_bits(self.bits, "FlipCount"))
 
     def draw(self, words: Sequence[Words], seed: int) -> list[Faults]:
@@ -254,7 +255,7 @@ class FlipCount(ErrorModel):
         )
         total = int(sizes.sum())
         if self.k > total:
-            raise ValueError(f"FlipCount k={self.k} exceeds the {total} targeted bits")
+            raise ArgumentError(f"FlipCount k={self.k} exceeds the {total} targeted bits")
         pos = sample_without_replacement(total, self.k, generator_for(seed, "FlipCount"))
         ends = torch.cumsum(sizes, 0)
         owner = torch.searchsorted(ends, pos, right=True)
@@ -283,12 +284,12 @@ class Burst(ErrorModel):
     def __post_init__(self) -> None:
         object.__setattr__(self, "rate", check_rate("Burst rate", self.rate))
         if isinstance(self.length, bool) or not isinstance(self.length, int) or self.length < 1:
-            raise ValueError(f"Burst length must be a positive int, got {self.length!r}")
+            raise ArgumentError(f"Burst length must be a positive int, got {self.length!r}")
 
     def draw_one(self, w: Words, generator: torch.Generator) -> Faults:
         width = w.layout.width
         if self.length > width:
-            raise ValueError(f"Burst length {self.length} exceeds the {width}-bit words of {w.name}")
+            raise ArgumentError(f"Burst length {self.length} exceeds the {width}-bit words of {w.name}")
         index = bernoulli_positions(w.numel, self.rate, generator)
         if index.numel() == 0:
             return Faults.none()

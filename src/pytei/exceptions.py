@@ -8,8 +8,17 @@ that fits (``ValueError``, ``RuntimeError``), so ``except ValueError`` keeps wor
 
 from __future__ import annotations
 
-__all__ = ["PyteiError"]
+__all__ = ["ArgumentError", "CheckpointError", "PyteiError"]
 
 
 class PyteiError(Exception):
     """Base of every error pytei raises for bad input or a detected fault (not for its own bugs)."""
+
+
+class ArgumentError(PyteiError, ValueError):
+    """A value given to pytei that is out of range or of the wrong kind (a BER above 1, an unknown
+    component, bits that a dtype does not have); the message names the value and what is allowed."""
+
+
+class CheckpointError(PyteiError, ValueError):
+    """A checkpoint folder that cannot be read: corrupt or foreign metadata or weights."""

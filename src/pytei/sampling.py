@@ -19,6 +19,8 @@ import math
 
 import torch
 
+from .exceptions import ArgumentError
+
 __all__ = [
     "DENSE_P",
     "MAX_TRIALS",
@@ -41,7 +43,7 @@ def check_rate(name: str, p: float) -> float:
         raise TypeError(f"{name} must be a number in [0, 1], got {p!r}")
     p = float(p)
     if not 0.0 <= p <= 1.0:  # also rejects NaN
-        raise ValueError(f"{name} must be in [0, 1], got {p!r}")
+        raise ArgumentError(f"{name} must be in [0, 1], got {p!r}")
     return p
 
 
@@ -108,7 +110,7 @@ def sample_without_replacement(n: int, k: int, generator: torch.Generator) -> to
     all ``k``-subsets. Cost O(k log k) while ``k`` is a small fraction of ``n``.
     """
     if k < 0 or k > n:
-        raise ValueError(f"cannot choose {k} distinct positions out of {n}")
+        raise ArgumentError(f"cannot choose {k} distinct positions out of {n}")
     if k == 0:
         return torch.empty(0, dtype=torch.int64)
     if 4 * k >= n:

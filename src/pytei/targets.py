@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from .bits import layout
+from .exceptions import ArgumentError
 
 __all__ = ["COMPONENTS", "PARAM_KINDS", "Site", "Description", "components", "select", "describe"]
 
@@ -78,7 +79,7 @@ def _tagged(model: nn.Module, name: str) -> str | None:
         tag = getattr(module, "pytei_component", None)
         if tag is not None:
             if tag not in COMPONENTS:
-                raise ValueError(
+                raise ArgumentError(
                     f"module {type(module).__name__} declares pytei_component={tag!r}; allowed: {COMPONENTS}"
                 )
             return tag
@@ -124,7 +125,7 @@ def _as_list(value: str | Iterable[str] | None, what: str) -> list[str]:
     items = [value] if isinstance(value, str) else list(value)
     for item in items:
         if not isinstance(item, str) or not item:
-            raise ValueError(f"{what} must be non-empty strings, got {item!r}")
+            raise ArgumentError(f"{what} must be non-empty strings, got {item!r}")
     return items
 
 
@@ -146,22 +147,24 @@ def select(
     comps = components(model, buffers=buffers)
     targets = _as_list(target, "target")
     if not targets:
-        raise ValueError("target must name at least one component")
+        raise ArgumentError("target must name at least one component")
     for t in targets:
         if t != "all" and t not in COMPONENTS:
-            raise ValueError(f"unknown target component {t!r}; allowed: {', '.join(('all',) + COMPONENTS)}")
+            allowed = ", ".join(("all", *COMPONENTS))
+            raise ArgumentError(f"unknown target component {t!r}; allowed: {allowed}")
         if t != "all" and t not in comps.values():
             present = sorted(set(comps.values()))
-            raise ValueError(
+            raise ArgumentError(
                 f"target {t!r} matches no parameter of {type(model).__name__}; its components are {present}"
             )
     if params not in PARAM_KINDS:
-        raise ValueError(f"unknown params {params!r}; allowed: {', '.join(PARAM_KINDS)}")
+        raise ArgumentError(f"unknown params {params!r}; allowed: {', '.join(PARAM_KINDS)}")
     inc, exc = _as_list(include, "include patterns"), _as_list(exclude, "exclude patterns")
     for pattern in inc + exc:
         if not any(fnmatch.fnmatchcase(n, pattern) for n in comps):
             sample = ", ".join(list(comps)[:8]) + (", ..." if len(comps) > 8 else "")
-            raise ValueError(f"pattern {pattern!r} matches no parameter of {type(model).__name__} ({sample})")
+            name = type(model).__name__
+            raise ArgumentError(f"pattern {pattern!r} matches no parameter of {name} ({sample})")
 
     sites = []
     for name, tensor in _named_tensors(model, buffers):
@@ -176,7 +179,7 @@ def select(
             continue
         sites.append(Site(name, tensor, comp, kind))
     if not sites:
-        raise ValueError(
+        raise ArgumentError(
             f"the selection target={targets}, params={params!r}, include={inc}, exclude={exc} "
             f"matches no parameter of {type(model).__name__}"
         )

@@ -24,7 +24,7 @@ from ..progress import progress_bar
 from .plan import Trial, plan
 from .runner import ModelRunner, failed_row, load_evaluation, parameter_names
 from .spec import Spec, parse_spec
-from .store import Store, TrialRow
+from .store import Store, StoreError, TrialRow
 
 __all__ = [
     "CampaignResult",
@@ -334,7 +334,7 @@ def resume_campaign(db: str | Path, *, plugins: Sequence[str] = (), **options: A
     with Store(db, create=False) as store:
         stored = store.spec()
     if stored is None:
-        raise ValueError(f"{db} holds no campaign spec: start it with 'pytei campaign run SPEC --db {db}'")
+        raise StoreError(f"{db} holds no campaign spec: start it with 'pytei campaign run SPEC --db {db}'")
     base_dir = stored["base_dir"] or "."
     spec = parse_spec(stored["text"], base_dir)
     return run_campaign(spec, db, base_dir=base_dir, plugins=plugins, **options)
