@@ -202,7 +202,8 @@ def _mitigations(doc: Doc, ctx: Context) -> None:
         return
     doc.text(
         "Every mitigation at the same (model, target, BER, run) faults. Models with labels: mean AUC; "
-        "baselines are per mitigation (clean model with it). Dummy models: median RMSE (log axis). The "
+        "baselines are per mitigation (clean model with it). Models without labels (dummy and plugin "
+        "models): median RMSE (log axis). The "
         "unmitigated line ('none') is black and dashed and drawn on top; lines are shifted slightly "
         "along the BER axis so that a mitigation matching 'none' exactly still shows both."
     )
@@ -311,7 +312,8 @@ def _per_bit(doc: Doc, ctx: Context) -> None:
         return
     doc.text(
         "Errors confined to one bit position. Labelled models: mean AUC drop (baseline AUC - AUC; bars) "
-        "and the drop of every run (dots); dummy models: median RMSE (a mean would be inf as soon as one "
+        "and the drop of every run (dots); models without labels: median RMSE (a mean would be inf as "
+        "soon as one "
         "run is). Confidence intervals are in the table."
     )
     keys = ["series", "dataset", "target", "mitigation", "rate", "bit"]
@@ -338,7 +340,7 @@ def _per_layer(doc: Doc, ctx: Context) -> None:
         return
     doc.text(
         f"Top {TOP_PARAMETERS} parameters per BER by mean AUC drop (labelled models; bars, with every "
-        "run as a dot) or median RMSE (dummy models); nan ranks above inf above any finite value."
+        "run as a dot) or median RMSE (models without labels); nan ranks above inf above any finite value."
     )
     for (series, dataset, mitigation), grp in rows.groupby(["series", "dataset", "mitigation"], sort=True):
         points = _severity(_drop_points(grp, ["rate", "target"]))
@@ -418,7 +420,7 @@ def _invalid(doc: Doc, ctx: Context) -> None:
     keys = ["series", "dataset", "target", "mitigation", "rate"]
     shares = point_stats(rows, keys, "invalid", metric_bounds("invalid_frac"))
     losses = point_stats(rows, keys, "logloss", metric_bounds("logloss"))
-    for labelled, kind in ((True, "models with labels"), (False, "dummy models")):
+    for labelled, kind in ((True, "models with labels"), (False, "models without labels")):
         plain = shares[
             shares["series"].isin(rows.loc[rows["labelled"] == labelled, "series"])
             & (shares["mitigation"] == "none")
