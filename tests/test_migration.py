@@ -15,19 +15,9 @@ import pytest
 from pytei import metrics, results
 from pytei.campaign import load_spec, plan
 from pytei.campaign.execute import resume_campaign
-from pytei.campaign.store import SCHEMA_VERSION, Store, StoreError, TrialRow
+from pytei.campaign.store import SCHEMA_VERSION, V1_METRICS, Store, StoreError, TrialRow
 
 FIXTURES = Path(__file__).parent / "fixtures"
-V1_METRICS = (
-    "auc",
-    "auc_valid",
-    "invalid_frac",
-    "logloss",
-    "rmse",
-    "rmse_valid",
-    "baseline_auc",
-    "baseline_rmse",
-)
 
 
 @pytest.fixture

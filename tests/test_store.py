@@ -18,7 +18,15 @@ import pytest
 
 from pytei import results
 from pytei import stats as pytei_stats
-from pytei.campaign.store import COLUMNS, SESSION_GAP_S, DuplicateTrial, SpecMismatch, Store, TrialRow
+from pytei.campaign.store import (
+    COLUMNS,
+    SESSION_GAP_S,
+    V1_METRICS,
+    DuplicateTrial,
+    SpecMismatch,
+    Store,
+    TrialRow,
+)
 
 # Forked writers start in milliseconds (a spawned one would re-import torch through pytei); they
 # open their own connection after the fork and touch no torch state, so the fork is safe.
@@ -28,16 +36,7 @@ MP = multiprocessing.get_context("fork" if HAS_FORK else None)
 
 
 #: The metric keys make_row takes as keywords (stored in ``TrialRow.metrics``).
-METRIC_KEYS = (
-    "auc",
-    "auc_valid",
-    "invalid_frac",
-    "logloss",
-    "rmse",
-    "rmse_valid",
-    "baseline_auc",
-    "baseline_rmse",
-)
+METRIC_KEYS = V1_METRICS
 
 
 def make_row(i: int, **values) -> TrialRow:

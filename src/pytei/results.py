@@ -18,7 +18,7 @@ import pandas as pd
 
 from . import metrics as metric_registry
 from . import stats
-from .campaign.store import COLUMNS, INT_COLUMNS, REAL_COLUMNS, Store
+from .campaign.store import COLUMNS, INT_COLUMNS, REAL_COLUMNS, V1_METRICS, Store
 
 __all__ = ["CONFIG_COLUMNS", "POINT", "export", "load", "summarize"]
 
@@ -35,16 +35,7 @@ CONFIG_COLUMNS = {
     "cfg_samples": "samples",
 }
 #: Metric columns every table has (NaN where not computed), whatever the campaign stored.
-_BASE_METRICS = (
-    "auc",
-    "auc_valid",
-    "invalid_frac",
-    "logloss",
-    "rmse",
-    "rmse_valid",
-    "baseline_auc",
-    "baseline_rmse",
-)
+_BASE_METRICS = V1_METRICS
 _STATS = ("n", "n_nan", "n_inf", "mean", "median", "std", "min", "max", "ci_low", "ci_high")
 
 

@@ -45,6 +45,7 @@ __all__ = [
     "Store",
     "StoreError",
     "TrialRow",
+    "V1_METRICS",
 ]
 
 SCHEMA_VERSION = 2
@@ -479,8 +480,8 @@ def _encode_metrics(trial_id: str, values: Mapping[str, Any]) -> list[tuple]:
 
 # --- schema 1 -----------------------------------------------------------------------------------
 
-#: The metric columns of schema 1.
-_V1_METRICS = (
+#: The metric columns of schema 1 (the built-in metrics' keys; every results table still has them).
+V1_METRICS = (
     "auc",
     "auc_valid",
     "invalid_frac",
@@ -519,7 +520,7 @@ def _declared_targets(spec_text: str) -> set[str] | None:
 def _from_v1(row: dict[str, Any], declared: set[str] | None) -> tuple[dict[str, Any], list[tuple]]:
     """A schema-1 trial row as a schema-2 row and its metric rows."""
     nonfinite = json.loads(row["nonfinite"]) if row.get("nonfinite") else {}
-    values = {m: row[m] for m in _V1_METRICS if row.get(m) is not None}
+    values = {m: row[m] for m in V1_METRICS if row.get(m) is not None}
     values.update({m: float(text) for m, text in nonfinite.items()})
     if row["bits"] is not None and json.loads(row["bits"]) is not None:
         kind = "bits"
