@@ -34,8 +34,6 @@ CONFIG_COLUMNS = {
     "cfg_sparsity": "sparsity",
     "cfg_samples": "samples",
 }
-#: Metric columns every table has (NaN where not computed), whatever the campaign stored.
-_BASE_METRICS = V1_METRICS
 _STATS = ("n", "n_nan", "n_inf", "mean", "median", "std", "min", "max", "ci_low", "ci_high")
 
 
@@ -53,11 +51,12 @@ def load(db: str | Path) -> pd.DataFrame:
     """
     with Store(db, create=False) as store:
         rows = store.rows()
-    names = sorted({k for r in rows for k in r["metrics"]} - set(_BASE_METRICS))
+    # every table has the built-in metrics' columns (NaN where not computed), then any other stored
+    names = sorted({k for r in rows for k in r["metrics"]} - set(V1_METRICS))
     columns = [c for c in COLUMNS if c != "metrics"]
     df = pd.DataFrame([{c: r[c] for c in columns} for r in rows], columns=columns)
     values = pd.DataFrame(
-        [r["metrics"] for r in rows], columns=[*_BASE_METRICS, *names], index=df.index, dtype="float64"
+        [r["metrics"] for r in rows], columns=[*V1_METRICS, *names], index=df.index, dtype="float64"
     )
     df["model_config"] = df["model_config"].map(lambda t: json.loads(t) if isinstance(t, str) else None)
     configs = pd.DataFrame(
