@@ -47,8 +47,8 @@ __all__ = [
 #: Check the parameters' digest against the clean one every this many trials (restore drift guard).
 VERIFY_EVERY = 50
 _EVAL_BATCH = 2048
-#: Score keys that are counts, not metrics (no baseline is stored for them).
-_COUNTS = ("n", "n_invalid", "invalid_frac")
+#: Score keys that are counts (stored as columns, not metrics).
+_COUNTS = ("n", "n_invalid")
 
 
 def build_model(model_spec: dict) -> nn.Module:
@@ -249,8 +249,8 @@ class ModelRunner:
         extra: dict[str, Any] = {"path": path, **report.protection}
         if mit is not None:
             extra.update({k: v for k, v in mit.stats.items() if not isinstance(v, dict)})
-        values = {k: v for k, v in got.items() if k not in _COUNTS[:2]}
-        values.update({f"baseline_{k}": v for k, v in base.items() if k not in _COUNTS})
+        values = {k: v for k, v in got.items() if k not in _COUNTS}
+        values.update({f"baseline_{k}": v for k, v in base.items() if k not in (*_COUNTS, "invalid_frac")})
         return _row(
             trial,
             started,

@@ -48,7 +48,7 @@ from pathlib import Path
 from typing import Any, cast
 
 from .. import errors, metrics, mitigation, plugins
-from .._registry import OptionError
+from .._registry import OptionError, check_options
 from ..injector import SITES
 from ..targets import COMPONENTS, PARAM_KINDS
 from .checks import (
@@ -65,7 +65,7 @@ from .checks import (
     string,
     target_name,
 )
-from .sources import CheckpointModel, DataOptions, DummyGrid, ModelEntry, RegisteredModel, sources
+from .sources import CheckpointModel, DataOptions, DummyGrid, ModelEntry, RegisteredModel, source_for, sources
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -341,20 +341,13 @@ def _option(t: Table, cls: type, f: dataclasses.Field) -> Any:
     if f.name in _OPTION_CHECKS:
         return t.get(f.name, _OPTION_CHECKS[f.name], default)
 
-    def typed(value: Any, path: str) -> Any:
+    def typed(value: Any, path: str) -> Any:  # checked against the field's type hint
         try:
-            return check_option(cls, f.name, value, what=f"error model {cls.__name__}")
+            return check_options(cls, {f.name: value}, what=f"error model {cls.__name__}")[f.name]
         except OptionError as err:
             raise SpecError(path, str(err)) from err
 
     return t.get(f.name, typed, default)
-
-
-def check_option(obj: Any, key: str, value: Any, *, what: str) -> Any:
-    """One option of ``obj`` checked against its type hint (see :func:`pytei._registry.check_options`)."""
-    from .._registry import check_options
-
-    return check_options(obj, {key: value}, what=what)[key]
 
 
 def _rates(value: Any, path: str, *, counts: bool) -> tuple[float, ...]:
@@ -457,8 +450,7 @@ def _check_models_distinct(models: tuple, data: DataOptions) -> None:
 
 def _labelled(entry: ModelEntry, data: DataOptions) -> bool:
     """Whether the entry's models have labels (its source's ``labelled``)."""
-    spec = next(iter(entry.expand(data).values()))
-    return any(name in spec and sources.get(name).labelled for name in sources.names())
+    return source_for(next(iter(entry.expand(data).values()))).labelled
 
 
 def _what(entry: ModelEntry) -> str:
