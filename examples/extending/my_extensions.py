@@ -22,7 +22,7 @@ from pytei.sampling import bernoulli_positions
 class TinyMLP(nn.Module):
     """Dense features -> hidden ReLU layer -> one logit."""
 
-    input_layout = "dense+sparse"  # how pytei describes its inputs (see pytei.models.INPUT_LAYOUTS)
+    input_layout = "custom"  # its inputs come from example_inputs (see pytei.models.INPUT_LAYOUTS)
 
     def __init__(self, n_features: int = 8, hidden: int = 16) -> None:
         super().__init__()

@@ -22,6 +22,7 @@ from torch import nn
 from .. import models
 from .._registry import OptionError, Registry, check_options
 from ..checkpoint import load_checkpoint
+from ..exceptions import ArgumentError
 from .checks import SpecError, Table, integer, many, number, show, string
 
 __all__ = [
@@ -309,7 +310,7 @@ def synthetic_inputs(model: nn.Module, n: int, seed: int) -> tuple[torch.Tensor,
         dims = torch.tensor(list(config["field_dims"]), dtype=torch.float64)
         u = torch.rand(n, len(dims), generator=g, dtype=torch.float64)
         return ((u * dims).to(torch.int64),)
-    raise ValueError(
+    raise ArgumentError(
         f"model {type(model).__name__} (input_layout {layout!r}) cannot be given synthetic inputs: "
         "define example_inputs(self, n: int, seed: int) -> tuple of input tensors"
     )
