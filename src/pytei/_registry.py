@@ -10,7 +10,6 @@ no hand-kept option table to drift out of date.
 
 from __future__ import annotations
 
-import dataclasses
 import difflib
 import fnmatch
 import inspect
@@ -226,8 +225,3 @@ def _type_name(hint: Any) -> str:
     if isinstance(hint, type) and not typing.get_args(hint):
         return "None" if hint is NoneType else hint.__name__
     return str(hint).replace("typing.", "").replace("collections.abc.", "")
-
-
-def dataclass_defaults(cls: type) -> dict[str, Any]:
-    """Default value of every field of dataclass ``cls`` that has one."""
-    return {f.name: f.default for f in dataclasses.fields(cls) if f.default is not dataclasses.MISSING}

@@ -18,22 +18,14 @@ import pandas as pd
 
 from . import metrics as metric_registry
 from . import stats
-from .campaign.store import COLUMNS, INT_COLUMNS, REAL_COLUMNS, V1_METRICS, Store
+from .campaign.store import COLUMNS, DUMMY_CONFIG_KEYS, INT_COLUMNS, REAL_COLUMNS, V1_METRICS, Store
 
 __all__ = ["CONFIG_COLUMNS", "POINT", "export", "load", "summarize"]
 
 #: The columns that identify a grid point (the default grouping of :func:`summarize`).
 POINT = ("model", "target", "site", "mitigation", "rate")
 #: A dummy model's grid point, one column each (NaN for other models), from ``model_config``.
-CONFIG_COLUMNS = {
-    "cfg_mlp_depth": "mlp_depth",
-    "cfg_mlp_hidden": "mlp_hidden",
-    "cfg_embed_dim": "embed_dim",
-    "cfg_dense_dim": "dense_dim",
-    "cfg_sparse_dim": "sparse_dim",
-    "cfg_sparsity": "sparsity",
-    "cfg_samples": "samples",
-}
+CONFIG_COLUMNS = {f"cfg_{key}": key for key in DUMMY_CONFIG_KEYS}
 _STATS = ("n", "n_nan", "n_inf", "mean", "median", "std", "min", "max", "ci_low", "ci_high")
 
 

@@ -26,11 +26,9 @@ from .. import metrics as metric_registry
 from ..errors import ErrorModel
 from .sources import source_for
 from .spec import PER_PARAMETER, MitigationChoice, Spec, canonical_json, make_error
+from .store import KINDS
 
 __all__ = ["KINDS", "Point", "Trial", "build_error", "plan", "run_seed"]
-
-#: What a trial studies: a component (or labelled) target, a single parameter, or bit positions.
-KINDS = ("component", "parameter", "bits")
 
 
 @dataclass(frozen=True)

@@ -24,6 +24,7 @@ from .._registry import OptionError, Registry, check_options
 from ..checkpoint import load_checkpoint
 from ..exceptions import ArgumentError
 from .checks import SpecError, Table, integer, many, number, show, string
+from .store import DUMMY_CONFIG_KEYS
 
 __all__ = [
     "DUMMY_DENSE_DIM",
@@ -41,8 +42,6 @@ __all__ = [
 
 #: Synthetic input shape of the paper's dummy model (Table 1) unless a spec overrides it.
 DUMMY_DENSE_DIM, DUMMY_SPARSE_DIM = 128, 8192
-#: Keys of a dummy grid point (``Trial.model_config``), in Table 1 order.
-DUMMY_CONFIG_KEYS = ("mlp_depth", "mlp_hidden", "embed_dim", "dense_dim", "sparse_dim", "sparsity", "samples")
 
 
 @dataclass(frozen=True)
@@ -329,7 +328,7 @@ class RegisteredSource:
             raise SpecError(
                 t.key("model"),
                 f"unknown model {name!r}; registered: {', '.join(models.names())} "
-                "(a plugin registers more: plugins = [\"my_pkg.models\"] or --plugin)",
+                '(a plugin registers more: plugins = ["my_pkg.models"] or --plugin)',
             )
         raw = t.get("config", _table, {})
         try:

@@ -40,6 +40,8 @@ __all__ = [
     "INT_COLUMNS",
     "REAL_COLUMNS",
     "SCHEMA_VERSION",
+    "DUMMY_CONFIG_KEYS",
+    "KINDS",
     "DuplicateTrial",
     "SpecMismatch",
     "Store",
@@ -63,6 +65,10 @@ INT_COLUMNS = ("run", "seed", "n_faults", "n_invalid", "n_outputs")
 #: NOT NULL REAL columns.
 REAL_COLUMNS = ("rate", "started", "finished", "duration_s")
 _JSONS = ("bits", "extra", "model_config")
+#: Values of the ``kind`` column: a component (or labelled) target, a single parameter, bit positions.
+KINDS = ("component", "parameter", "bits")
+#: Keys of a dummy model's ``model_config`` (its grid point), in the order of the paper's Table 1.
+DUMMY_CONFIG_KEYS = ("mlp_depth", "mlp_hidden", "embed_dim", "dense_dim", "sparse_dim", "sparsity", "samples")
 
 
 @dataclass(kw_only=True)
@@ -135,7 +141,7 @@ CREATE TABLE IF NOT EXISTS trials (
     target TEXT NOT NULL,
     params TEXT NOT NULL,
     site TEXT NOT NULL,
-    kind TEXT NOT NULL CHECK (kind IN ('component', 'parameter', 'bits')),
+    kind TEXT NOT NULL CHECK (kind IN ({kinds})),
     model_config TEXT,
     error_model TEXT NOT NULL,
     rate REAL NOT NULL,
@@ -165,6 +171,7 @@ CREATE TABLE IF NOT EXISTS metrics (
 ) WITHOUT ROWID
 """
 
+_SCHEMA = _SCHEMA.replace("{kinds}", ", ".join(f"'{k}'" for k in KINDS))
 _INSERT = f"INSERT INTO trials ({', '.join(_STORED)}) VALUES ({', '.join('?' * len(_STORED))})"
 _INSERT_METRIC = "INSERT INTO metrics (trial_id, name, value, special) VALUES (?, ?, ?, ?)"
 
@@ -548,4 +555,4 @@ def _v1_dummy_config(key: str) -> str | None:
         name, _, value = part.partition("=")
         if name in _V1_DUMMY_KEYS:
             config[_V1_DUMMY_KEYS[name]] = float(value) if name == "sparsity" else int(value)
-    return json.dumps({k: config.get(k) for k in _V1_DUMMY_KEYS.values()})
+    return json.dumps({k: config.get(k) for k in DUMMY_CONFIG_KEYS})

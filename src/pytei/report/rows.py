@@ -15,20 +15,13 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from .. import results
+from ..campaign.store import KINDS
+
 __all__ = ["CONFIG_COLUMNS", "KINDS", "METRIC_COLUMNS", "prepare"]
 
-#: Values of the ``kind`` column: a component (or label) target, one parameter, a bit-position study.
-KINDS = ("component", "parameter", "bits")
 #: Dummy-model configuration columns (NaN for other models); hidden size and embedding dim span a heatmap.
-CONFIG_COLUMNS = (
-    "cfg_mlp_depth",
-    "cfg_mlp_hidden",
-    "cfg_embed_dim",
-    "cfg_dense_dim",
-    "cfg_sparse_dim",
-    "cfg_sparsity",
-    "cfg_samples",
-)
+CONFIG_COLUMNS = tuple(results.CONFIG_COLUMNS)
 #: Metric columns the report reads (absent ones are NaN: not computed).
 METRIC_COLUMNS = ("auc", "auc_valid", "invalid_frac", "logloss", "rmse", "rmse_valid", "baseline_auc")
 _REQUIRED = ("status", "model", "dataset", "target", "kind", "rate", "mitigation")
