@@ -1,8 +1,9 @@
-"""The model zoo: registry, forward/backward, component tags, parameter counts, prefix/suffix split."""
+"""The model zoo: registry, forward/backward, component tags, parameter counts, torch.fx tracing."""
 
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
@@ -11,7 +12,13 @@ from torch import nn
 from pytei import models
 from pytei.models import create, dummy_inputs, names, register
 from pytei.models.dlrm import DotInteraction
-from pytei.models.layers import FactorizationMachine, RecModel
+from pytei.models.layers import (
+    AttentionalFactorizationMachine,
+    FactorizationMachine,
+    RecModel,
+    flat_pair_indices,
+    pair_indices,
+)
 
 ALLOWED_TAGS = {"embedding", "mlp", "attention", "interaction", "linear"}
 CTR_MODELS = ("fm", "dfm", "afm", "dcn", "wd")
@@ -25,21 +32,21 @@ TINY: dict[str, dict] = {
 }
 
 
-def _indices(field_dims: list[int], gen: torch.Generator) -> torch.Tensor:
-    cols = [torch.randint(0, d, (BATCH,), generator=gen) for d in field_dims]
+def _indices(field_dims: list[int], gen: torch.Generator, batch: int = BATCH) -> torch.Tensor:
+    cols = [torch.randint(0, d, (batch,), generator=gen) for d in field_dims]
     return torch.stack(cols, dim=1)
 
 
-def make_inputs(model: nn.Module, seed: int = 0) -> tuple[torch.Tensor, ...]:
-    """A batch of ``BATCH`` valid inputs for ``model``, according to its ``input_layout``."""
+def make_inputs(model: nn.Module, seed: int = 0, batch: int = BATCH) -> tuple[torch.Tensor, ...]:
+    """A batch of ``batch`` valid inputs for ``model``, according to its ``input_layout``."""
     gen = torch.Generator().manual_seed(seed)
     cfg = model.config
     if model.input_layout == "categorical":
-        return (_indices(cfg["field_dims"], gen),)
+        return (_indices(cfg["field_dims"], gen, batch),)
     if model.input_layout == "dense+sparse":
-        return torch.randn(BATCH, cfg["dense_dim"], generator=gen), _indices(cfg["field_dims"], gen)
+        return torch.randn(batch, cfg["dense_dim"], generator=gen), _indices(cfg["field_dims"], gen, batch)
     assert model.input_layout == "dummy"
-    return dummy_inputs(BATCH, cfg["dense_dim"], cfg["sparse_dim"], sparsity=0.1, seed=seed)
+    return dummy_inputs(batch, cfg["dense_dim"], cfg["sparse_dim"], sparsity=0.1, seed=seed)
 
 
 def component_of(model: nn.Module, param_name: str) -> str | None:
@@ -224,23 +231,86 @@ def test_parameter_counts_match_table2(name: str) -> None:
         assert abs(count - paper) / paper < 0.03, f"{name} {field_dims}: {count} vs {paper:.0f}"
 
 
-# --- model-specific behaviour -------------------------------------------------------------------------
+# --- torch.fx tracing (the campaign's incremental evaluation captures every model as a graph) ----------
 
 
-@pytest.mark.parametrize("name", ["dummy", "dlrm", "dcn"])
-def test_prefix_suffix_split_is_exact(name: str) -> None:
+def bad_inputs(model: nn.Module) -> list[tuple[torch.Tensor, ...]]:
+    """Inputs that ``model``'s eager forward must refuse: wrong width, wrong dtype, unequal batches."""
+    good = make_inputs(model)
+    if model.input_layout == "categorical":
+        (x,) = good
+        return [(x[:, :-1],), (x.float(),), (x[0],)]
+    dense, sparse = good
+    wrong = [(dense[:, :-1], sparse), (dense, sparse[:, :-1]), (dense[:-1], sparse)]
+    return wrong + ([(dense, sparse.float())] if model.input_layout == "dense+sparse" else [])
+
+
+@pytest.mark.parametrize("name", names())
+def test_every_zoo_model_traces_and_matches_eager_bit_for_bit(name: str) -> None:
     torch.manual_seed(0)
     model = create(name, **TINY[name]).eval()
-    inputs = make_inputs(model)
-    h = model.forward_prefix(*inputs)
-    assert torch.equal(model.forward_suffix(h), model(*inputs))
-    assert all(isinstance(getattr(model, m), nn.Module) for m in model.suffix_modules)
-    # Parameters listed as suffix-only must not change the prefix.
-    with torch.no_grad():
-        for m in model.suffix_modules:
-            for p in getattr(model, m).parameters():
-                p.fill_(float("nan"))
-    assert torch.equal(model.forward_prefix(*inputs), h)
+    assert not hasattr(model, "forward_prefix") and not hasattr(model, "suffix_modules")  # one mechanism
+    traced = torch.fx.symbolic_trace(model)
+    for batch in (1, 7, 64):
+        inputs = make_inputs(model, seed=batch, batch=batch)
+        with torch.no_grad():
+            assert torch.equal(traced(*inputs), model(*inputs)), f"{name}, batch {batch}"
+    model.train()
+    traced.train()
+    inputs = make_inputs(model, seed=3, batch=64)
+    torch.manual_seed(1)
+    expected = model(*inputs)
+    torch.manual_seed(1)  # the same dropout masks
+    assert torch.equal(traced(*inputs), expected)
+
+
+@pytest.mark.parametrize("name", names())
+def test_the_traced_model_refuses_bad_inputs_as_eager_does(name: str) -> None:
+    model = create(name, **TINY[name]).eval()
+    traced = torch.fx.symbolic_trace(model)
+    pruned = torch.fx.symbolic_trace(model)
+    pruned.graph.eliminate_dead_code()  # the checks' outputs are unused: they must survive it
+    pruned.recompile()
+    for inputs in bad_inputs(model):
+        with pytest.raises((ValueError, TypeError)) as eager:
+            model(*inputs)
+        for graph_module in (traced, pruned):
+            with pytest.raises(eager.type, match=f"^{re.escape(str(eager.value))}$"):
+                graph_module(*inputs)
+    assert model(*make_inputs(model)).shape == (BATCH,)  # tracing left eager calls working
+
+
+def test_batch_mismatch_message_names_both_sizes() -> None:
+    model = create("dlrm", **TINY["dlrm"])
+    dense, sparse = make_inputs(model)
+    with pytest.raises(ValueError, match="dense and sparse batch sizes differ: 5 vs 6"):
+        torch.fx.symbolic_trace(model)(dense[:5], sparse)
+
+
+@pytest.mark.parametrize("n", [2, 3, 5, 27])
+def test_pair_gathers_equal_advanced_indexing(n: int) -> None:
+    gen = torch.Generator().manual_seed(n)
+    x = torch.randn(64, n, 8, generator=gen)
+    row, col = torch.triu_indices(n, n, offset=1)
+    assert torch.equal(pair_indices(n, x.device), torch.stack([row, col]))
+    assert torch.equal(flat_pair_indices(n, x.device), row * n + col)
+    assert torch.equal(DotInteraction()(x), torch.bmm(x, x.transpose(1, 2))[:, row, col])
+    afm = AttentionalFactorizationMachine(8, 4, (0.0, 0.0)).eval()
+    inner = x[:, row] * x[:, col]  # the advanced-index form the gather replaced
+    scores = torch.softmax(afm.projection(torch.relu(afm.attention(inner))), dim=1)
+    assert torch.equal(afm(x), afm.fc((scores * inner).sum(dim=1)))
+
+
+def test_pair_indices_are_cached_and_need_a_concrete_n() -> None:
+    cpu = torch.device("cpu")
+    assert pair_indices(6, cpu) is pair_indices(6, "cpu")  # type: ignore[arg-type]
+    assert flat_pair_indices(6, cpu) is flat_pair_indices(6, cpu)
+    assert pair_indices(1, cpu).shape == (2, 0)
+    with pytest.raises(TypeError, match="pair indices need a concrete int n >= 0, got float 3.0"):
+        pair_indices(3.0, cpu)  # type: ignore[arg-type]
+
+
+# --- model-specific behaviour -------------------------------------------------------------------------
 
 
 def test_dummy_ignores_corrupted_inactive_rows() -> None:
@@ -265,7 +335,7 @@ def test_dummy_sums_active_rows_and_handles_empty_samples() -> None:
     sparse[0] = 0.0
     sparse[1] = 0.0
     sparse[1, [3, 17]] = 1.0
-    pooled = model.forward_prefix(dense, sparse)[:, TINY["dummy"]["mlp_hidden"] :]
+    pooled = model._pool_active(sparse)
     assert torch.equal(pooled[0], torch.zeros(TINY["dummy"]["embed_dim"]))
     torch.testing.assert_close(pooled[1], model.embedding.weight[3] + model.embedding.weight[17])
     assert torch.isfinite(model(dense, torch.zeros_like(sparse))).all()

