@@ -303,7 +303,7 @@ def test_pair_gathers_equal_advanced_indexing(n: int) -> None:
 
 def test_pair_indices_are_cached_and_need_a_concrete_n() -> None:
     cpu = torch.device("cpu")
-    assert pair_indices(6, cpu) is pair_indices(6, "cpu")  # type: ignore[arg-type]
+    assert pair_indices(6, cpu) is pair_indices(6, "cpu")
     assert flat_pair_indices(6, cpu) is flat_pair_indices(6, cpu)
     assert pair_indices(1, cpu).shape == (2, 0)
     with pytest.raises(TypeError, match="pair indices need a concrete int n >= 0, got float 3.0"):

@@ -161,7 +161,7 @@ def _concrete_pairs(n: Any, device: Any) -> tuple[torch.Tensor, torch.Tensor]:
     return _pairs(n, torch.device(device))
 
 
-def pair_indices(n: int, device: torch.device) -> torch.Tensor:
+def pair_indices(n: int, device: torch.device | str) -> torch.Tensor:
     """Row/column indices ``[2, n(n-1)/2]`` (int64) of all pairs i < j, in pytorch-fm's (row-major) order.
 
     Cached per ``(n, device)``; read-only.
@@ -169,7 +169,7 @@ def pair_indices(n: int, device: torch.device) -> torch.Tensor:
     return _concrete_pairs(n, device)[0]
 
 
-def flat_pair_indices(n: int, device: torch.device) -> torch.Tensor:
+def flat_pair_indices(n: int, device: torch.device | str) -> torch.Tensor:
     """``row * n + col`` of ``pair_indices(n, device)``: the pairs' positions in a flattened ``[n, n]``.
 
     ``z.flatten(1).index_select(1, flat)`` reads the same values as ``z[:, row, col]`` roughly 9x
