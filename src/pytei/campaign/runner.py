@@ -1,16 +1,12 @@
 """Run trials against one model: load it once, score clean outputs once, then inject -> evaluate ->
 restore per trial, recomputing only what a trial's faults can change.
 
-The evaluation rows are cut into a fixed partition of batches. A trial recomputes a batch only if
-its faults can reach it, and every recomputed batch has the same composition as in the clean run,
-so fast results are bit-identical to a full evaluation:
-
-* no fault landed (low BER, or all filtered by a protection): the clean outputs are the answer;
-* faults only in embedding tables: only batches that read a corrupted row (rows read per batch are
-  recorded by pre-hooks during the clean run) are recomputed;
-* faults only in the layers after ``model.forward_prefix`` (``model.suffix_modules``, e.g. the
-  top MLP of DLRM/DCN or the dummy model's predictor): the prefix activations of each batch are
-  computed once per mitigation and only ``forward_suffix`` runs per trial.
+Evaluation goes through :class:`pytei.incremental.IncrementalEvaluator`: the model's forward is
+captured as a graph, clean node values are kept per mitigation, and a trial re-executes only the
+nodes downstream of what it changed (faulted weights, modules hooked for activation faults), only
+for the batches (or, for embedding rows, the samples) that read a faulted value. Outputs are
+bit-identical to a full evaluation; the path taken (clean / rows / samples / subgraph / full) is
+recorded per trial. Scores are updated incrementally where only some outputs changed (AUC).
 """
 
 from __future__ import annotations
@@ -27,7 +23,8 @@ from torch import nn
 
 from .. import metrics
 from ..errors import Faults
-from ..injector import Injector, Protection, parameter_digest
+from ..incremental import IncrementalEvaluator
+from ..injector import InjectionReport, Injector, Protection, parameter_digest
 from ..mitigation import Mitigation, mitigate
 from ..mitigation import register as mitigations
 from .plan import Trial, build_error
@@ -71,65 +68,26 @@ def load_evaluation(trial: Trial, batch_size: int = _EVAL_BATCH) -> Evaluation:
     return source_for(trial.model_spec).load(trial.model, trial.model_spec, batch_size)
 
 
-class _RowIndex:
-    """Which batches read which rows of each embedding table, recorded during the clean run."""
-
-    def __init__(self, model: nn.Module) -> None:
-        self.tables = {
-            f"{name}.weight": module
-            for name, module in model.named_modules()
-            if isinstance(module, (nn.Embedding, nn.EmbeddingBag))
-        }
-        self.rows: dict[str, list[torch.Tensor]] = {n: [] for n in self.tables}
-        self._handles: list = []
-
-    def start(self) -> None:
-        for pname, module in self.tables.items():
-            self._handles.append(module.register_forward_pre_hook(self._record(pname)))
-
-    def _record(self, pname: str):
-        def hook(module, args):
-            self.rows[pname].append(torch.unique(args[0].detach().reshape(-1).cpu()))
-
-        return hook
-
-    def stop(self) -> None:
-        while self._handles:
-            self._handles.pop().remove()
-
-    def affected(self, faults: Mapping[str, Faults], n_batches: int) -> list[int] | None:
-        """Batches that read a corrupted row, or None if some fault is outside the tables."""
-        hit = torch.zeros(n_batches, dtype=torch.bool)
-        for pname, f in faults.items():
-            if pname not in self.tables or len(self.rows[pname]) != n_batches:
-                return None
-            dim = self.tables[pname].weight.shape[1]
-            bad_rows = torch.unique(f.index // dim)
-            for b, read in enumerate(self.rows[pname]):
-                if not hit[b] and bool(torch.isin(bad_rows, read).any()):
-                    hit[b] = True
-        return hit.nonzero().squeeze(1).tolist()
-
-
 class ModelRunner:
     """Holds one model's clean state and runs trials on it."""
 
-    def __init__(self, evaluation: Evaluation, *, fast: bool = True) -> None:
+    def __init__(self, evaluation: Evaluation, *, fast: bool = True, cache_budget: int | None = None) -> None:
+        """``fast=False`` evaluates every trial in full (the reference the fast paths must equal);
+        ``cache_budget`` bounds the incremental evaluator's cache (bytes; default: its own)."""
         self.ev = evaluation
         self.fast = fast
         self.model = evaluation.model
         self.digest = parameter_digest(self.model)
-        self.rows = _RowIndex(self.model)
-        self.rows.start()
-        try:
-            self.golden = self._forward_all()
-        finally:
-            self.rows.stop()
+        self.golden = self._forward_all()
+        self.evaluator = (
+            IncrementalEvaluator(self.model, evaluation.batches, budget=cache_budget) if fast else None
+        )
+        if self.evaluator is not None:
+            self.evaluator.prepare("none", self.golden)
         self._clean: dict[str, torch.Tensor] = {"none": self.golden}
-        self._prefix: dict[str, list[torch.Tensor]] = {}
+        self._scorers: dict[tuple, metrics.Scorer] = {}
         self._baselines: dict[tuple, dict] = {}
         self._mitigations: dict[str, tuple[Mitigation | None, Protection | None]] = {}
-        self._suffix_params = self._suffix_parameter_names()
         self.trials_since_check = 0
 
     # --- evaluation -------------------------------------------------------------------------
@@ -137,12 +95,6 @@ class ModelRunner:
     @torch.no_grad()
     def _forward_all(self) -> torch.Tensor:
         return torch.cat([self.model(*b).float().reshape(-1) for b in self.ev.batches])
-
-    def _suffix_parameter_names(self) -> set[str]:
-        if not hasattr(self.model, "forward_suffix"):
-            return set()
-        prefixes = tuple(f"{m}." for m in getattr(self.model, "suffix_modules", ()))
-        return {n for n, _ in self.model.named_parameters() if n.startswith(prefixes)}
 
     def mitigation(self, trial: Trial) -> tuple[Mitigation | None, Protection | None]:
         """The (compute-side, memory-side) pair of a trial's mitigation, built once per model and
@@ -155,61 +107,59 @@ class ModelRunner:
         return self._mitigations[label]
 
     def clean(self, trial: Trial) -> torch.Tensor:
-        """Outputs with the trial's mitigation attached and no faults (its own baseline)."""
+        """Outputs with the trial's mitigation attached and no faults (its own baseline); the
+        incremental evaluator's clean pass for that mitigation runs here too."""
         name = trial.mitigation
         if name not in self._clean:
             mit, _ = self.mitigation(trial)
             with mitigate(self.model, *([mit] if mit else [])):
                 self._clean[name] = self._forward_all()
+                if self.evaluator is not None:
+                    per_sample = mit is None or mit.per_sample
+                    self.evaluator.prepare(name, self._clean[name], per_sample=per_sample)
         return self._clean[name]
+
+    def _scorer(self, trial: Trial) -> metrics.Scorer:
+        key = (trial.mitigation, trial.metrics)
+        if key not in self._scorers:
+            self._scorers[key] = metrics.Scorer(
+                self.ev.labels, self.golden, metrics=trial.metrics, clean=self.clean(trial)
+            )
+        return self._scorers[key]
 
     def baseline(self, trial: Trial) -> dict[str, float]:
         """The trial's metrics on the clean outputs under its mitigation (scored once, then cached)."""
         key = (trial.mitigation, trial.metrics)
         if key not in self._baselines:
-            self._baselines[key] = self._score(self.clean(trial), trial)
+            self._baselines[key] = self._score(self.clean(trial), trial, torch.empty(0, dtype=torch.int64))
         return self._baselines[key]
 
-    def _score(self, outputs: torch.Tensor, trial: Trial) -> dict[str, float]:
-        """Counts and the trial's metrics that apply (labels where the model has them)."""
-        got = metrics.score(outputs, self.ev.labels, self.golden, metrics=trial.metrics)
+    def _score(self, outputs: torch.Tensor, trial: Trial, changed: torch.Tensor | None) -> dict[str, float]:
+        """Counts and the trial's metrics that apply (labels where the model has them); ``changed``:
+        the rows that differ from the mitigation's clean outputs (None: unknown)."""
+        got = self._scorer(trial)(outputs, changed=changed)
         got.setdefault("invalid_frac", got["n_invalid"] / max(got["n"], 1))
         return got
 
     @torch.no_grad()
-    def _prefix_batches(self, name: str) -> list[torch.Tensor]:
-        """Prefix activations per batch under mitigation ``name``. Called only while that
-        mitigation is attached and the faults sit in the suffix, so the prefix is clean."""
-        if name not in self._prefix:
-            forward_prefix = getattr(self.model, "forward_prefix")  # noqa: B009 - duck-typed protocol
-            self._prefix[name] = [forward_prefix(*b) for b in self.ev.batches]
-        return self._prefix[name]
-
-    @torch.no_grad()
-    def _outputs(self, trial: Trial, faults: Mapping[str, Faults]) -> tuple[torch.Tensor, str]:
-        """Outputs under the current faults, and which path computed them."""
-        if trial.site != "weights" or not self.fast:
-            return self._forward_all(), "full"
-        if not faults:
-            return self.clean(trial), "clean"
-        out = self.clean(trial).clone()
-        bounds = [0]
-        for batch in self.ev.batches:
-            bounds.append(bounds[-1] + batch[0].shape[0])
-        todo = self.rows.affected(faults, len(self.ev.batches))
-        path = "rows"
-        if todo is None:
-            todo, path = list(range(len(self.ev.batches))), "full"
-        suffix_only = bool(self._suffix_params) and set(faults) <= self._suffix_params
-        prefix = self._prefix_batches(trial.mitigation) if suffix_only else None
-        forward_suffix = getattr(self.model, "forward_suffix", None)
-        for b in todo:
-            if prefix is not None and forward_suffix is not None:
-                y = forward_suffix(prefix[b])
-            else:
-                y = self.model(*self.ev.batches[b])
-            out[bounds[b] : bounds[b + 1]] = y.float().reshape(-1)
-        return out, ("suffix" if prefix is not None else path)
+    def _outputs(
+        self, trial: Trial, report: InjectionReport
+    ) -> tuple[torch.Tensor, str, torch.Tensor | None]:
+        """Outputs under the current faults, the path that computed them, and the rows that differ from
+        the clean outputs (None when every row was recomputed without tracking)."""
+        faults: Mapping[str, Faults] = report.fault_map.faults
+        if self.evaluator is None:
+            return self._forward_all(), "full", None
+        clean = self.clean(trial)
+        if trial.site == "weights" and not faults:
+            return clean, "clean", torch.empty(0, dtype=torch.int64)
+        hooked = list(report.per_activation) if trial.site == "activations" else []
+        outcome = self.evaluator.evaluate(trial.mitigation, faults, hooked)
+        if outcome is None:
+            return self._forward_all(), "full", None
+        rows = outcome.recomputed
+        differ = outcome.outputs[rows].view(torch.int32) != clean[rows].view(torch.int32)
+        return outcome.outputs, outcome.path, rows[differ]
 
     # --- trials ------------------------------------------------------------------------------
 
@@ -242,10 +192,10 @@ class ModelRunner:
         with mitigate(self.model, *([mit] if mit else [])):
             report = injector.apply(self.model)
             try:
-                outputs, path = self._outputs(trial, report.fault_map.faults)
+                outputs, path, changed = self._outputs(trial, report)
             finally:
                 injector.restore()
-        got = base if path == "clean" else self._score(outputs, trial)
+        got = base if path == "clean" else self._score(outputs, trial, changed)
         extra: dict[str, Any] = {"path": path, **report.protection}
         if mit is not None:
             extra.update({k: v for k, v in mit.stats.items() if not isinstance(v, dict)})

@@ -280,6 +280,8 @@ class ABFT(Mitigation):
     ``"raise"`` an ``ABFTError``.
     """
 
+    per_sample = True
+
     def __init__(
         self,
         *,

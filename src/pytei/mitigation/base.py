@@ -11,7 +11,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
-from typing import TypeAlias
+from typing import ClassVar, TypeAlias
 
 import torch
 from torch import nn
@@ -101,6 +101,10 @@ class Mitigation(ABC):
     Subclasses that count what they do report it in ``stats`` and zero it in ``reset_stats``:
     counters accumulate over attachments until reset, and campaigns reset before every trial.
     """
+
+    #: Whether it treats every sample of a batch on its own (clipping, row checksums), so that the
+    #: incremental evaluator may recompute a few samples as a sub-batch; False unless declared.
+    per_sample: ClassVar[bool] = False
 
     @abstractmethod
     def attach(self, model: nn.Module) -> None:

@@ -33,6 +33,8 @@ class ClipActivations(Mitigation):
     ``count=True`` keeps per-layer counts of clipped values in ``stats`` (costs a reduction).
     """
 
+    per_sample = True
+
     def __init__(
         self,
         low: float = -6.0,

@@ -1,0 +1,652 @@
+"""Evaluate a model over fixed batches, recomputing per trial only the graph nodes its faults reach.
+
+The clean pass runs the captured graph node by node over every batch and keeps the values of the
+nodes worth keeping (the most saved compute per byte, within a memory budget). A trial then marks
+*dirty* the nodes that read a faulted tensor (``get_attr`` of a parameter, calls of a module that
+holds it) or a module hooked for activation faults, and everything downstream of them; only those
+are executed again, with their clean inputs taken from the cache (or recomputed when not kept).
+
+Embedding tables are finer: a faulted row reaches only the samples that read it (their ids are
+recorded in the clean pass), so a batch whose samples read no faulted row is skipped, and where the
+model is per-sample the affected samples alone are recomputed as a sub-batch and merged into the
+clean outputs. Results are bit-identical to a full evaluation: batches keep their composition,
+recomputed nodes run the same kernels on the same inputs, and sub-batches are used only at sizes
+verified, on the clean run, to give the rows of the full batch bit for bit.
+"""
+
+from __future__ import annotations
+
+import time
+import warnings
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import fx, nn
+
+from ..errors import Faults
+from ._budget import default_budget, storages
+from ._capture import capture, hooked_modules
+
+__all__ = ["CacheReport", "IncrementalEvaluator", "Outcome", "PATHS"]
+
+#: How a trial's outputs were computed, from cheapest to dearest.
+PATHS = ("clean", "rows", "samples", "subgraph", "full")
+#: Smallest sub-batch; sizes double from it up to (not including) the batch size.
+_MIN_BUCKET = 8
+_COMPUTE_OPS = ("call_module", "call_function", "call_method")
+_EMBEDDINGS = (nn.Embedding, nn.EmbeddingBag)
+
+
+@dataclass
+class Outcome:
+    """A trial's outputs (float32, one per row), the path that computed them, and the rows recomputed
+    (the only ones that can differ from the clean outputs; all rows for ``full``)."""
+
+    outputs: torch.Tensor
+    path: str
+    recomputed: torch.Tensor
+
+
+@dataclass
+class CacheReport:
+    """What the cache holds: ``used`` of ``budget`` bytes (measured over unique storages), and the
+    node values kept and dropped (named ``graph node``), over all captured graphs and variants."""
+
+    budget: int
+    used: int
+    needed: int
+    kept: list[str] = field(default_factory=list)
+    dropped: list[str] = field(default_factory=list)
+
+    def __str__(self) -> str:
+        mib = 1 << 20
+        text = (
+            f"cache {self.used / mib:.1f} MiB of a {self.budget / mib:.1f} MiB budget "
+            f"({len(self.kept)} node values kept"
+        )
+        if self.dropped:
+            shown = ", ".join(self.dropped[:5]) + (", ..." if len(self.dropped) > 5 else "")
+            text += f"; {len(self.dropped)} dropped ({self.needed / mib:.1f} MiB to keep all): {shown}"
+        return text + ")"
+
+
+def _same(a: Any, b: Any) -> bool:
+    """Bit-identical values (NaN payloads and signed zeros included)."""
+    if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor):
+        if a.shape != b.shape or a.dtype != b.dtype:
+            return False
+        if a.is_floating_point() or a.is_complex():
+            a, b = a.contiguous().view(torch.uint8), b.contiguous().view(torch.uint8)
+        return bool(torch.equal(a, b))
+    if isinstance(a, tuple | list) and isinstance(b, tuple | list):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b, strict=True))
+    return bool(a == b) if not isinstance(a, torch.Tensor) and not isinstance(b, torch.Tensor) else False
+
+
+def _bits(mask: int) -> list[int]:
+    out, i = [], 0
+    while mask:
+        if mask & 1:
+            out.append(i)
+        mask >>= 1
+        i += 1
+    return out
+
+
+class _Graph:
+    """One captured graph: its nodes in order, who depends on whom, and which nodes read which storage."""
+
+    def __init__(self, model: nn.Module, graph: fx.Graph, leaves: frozenset[str]) -> None:
+        self.leaves = leaves
+        self.nodes: list[fx.Node] = list(graph.nodes)
+        self.pos = {n: i for i, n in enumerate(self.nodes)}
+        self.inputs = [[self.pos[a] for a in n.all_input_nodes] for n in self.nodes]
+        self.output = next(i for i, n in enumerate(self.nodes) if n.op == "output")
+        inputs = [i for i, n in enumerate(self.nodes) if n.op == "placeholder"]
+        self.placeholders = {i: k for k, i in enumerate(inputs)}
+        self.modules = dict(model.named_modules())
+        self.model = model
+        self.desc = [0] * len(self.nodes)
+        for i in reversed(range(len(self.nodes))):
+            mask = 1 << i
+            for u in self.nodes[i].users:
+                mask |= self.desc[self.pos[u]]
+            self.desc[i] = mask
+        self.anc = [0] * len(self.nodes)
+        for i in range(len(self.nodes)):
+            mask = 1 << i
+            for j in self.inputs[i]:
+                mask |= self.anc[j]
+            self.anc[i] = mask
+        self.by_storage: dict[int, int] = {}
+        self.embeddings: dict[int, nn.Module] = {}
+        self.called: set[str] = set()
+        for i, n in enumerate(self.nodes):
+            if n.op == "call_module":
+                module = self.modules[str(n.target)]
+                self.called.add(str(n.target))
+                tensors = [
+                    *(p for _, p in module.named_parameters(remove_duplicate=False)),
+                    *(t for _, t in module.named_buffers(remove_duplicate=False)),
+                ]
+                if isinstance(module, _EMBEDDINGS) and getattr(module, "max_norm", None) is None:
+                    self.embeddings[i] = module
+            elif n.op == "get_attr":
+                value = self.attr(str(n.target))
+                tensors = [value] if isinstance(value, torch.Tensor) else []
+            else:
+                continue
+            for t in tensors:
+                ptr = t.untyped_storage().data_ptr()
+                self.by_storage[ptr] = self.by_storage.get(ptr, 0) | (1 << i)
+
+    def attr(self, target: str) -> Any:
+        obj: Any = self.model
+        for part in target.split("."):
+            obj = getattr(obj, part)
+        return obj
+
+    def name(self, i: int) -> str:
+        return self.nodes[i].name
+
+    def arguments(self, i: int, env: dict[int, Any]) -> tuple[Any, Any]:
+        """Node ``i``'s args and kwargs with its input nodes replaced by their values in ``env``."""
+        node = self.nodes[i]
+        args = fx.node.map_arg(node.args, lambda n: env[self.pos[n]])
+        kwargs = fx.node.map_arg(node.kwargs, lambda n: env[self.pos[n]])
+        return args, kwargs
+
+    def execute(self, i: int, env: dict[int, Any]) -> Any:
+        node = self.nodes[i]
+        args, kwargs = self.arguments(i, env)
+        if node.op == "call_module":
+            return self.modules[str(node.target)](*args, **kwargs)
+        if node.op == "call_function":
+            return node.target(*args, **kwargs)  # type: ignore[operator]
+        if node.op == "call_method":
+            self_obj, *rest = args
+            return getattr(self_obj, str(node.target))(*rest, **kwargs)
+        if node.op == "get_attr":
+            return self.attr(str(node.target))
+        if node.op == "output":
+            return args[0]
+        raise RuntimeError(f"cannot execute graph node {node.format_node()}")
+
+
+@dataclass
+class _Variant:
+    """The clean state of one mitigation variant on one graph."""
+
+    name: str
+    graph: _Graph
+    base: _Variant | None
+    dependent: int
+    outputs: list[Any] = field(default_factory=list)
+    flat: torch.Tensor = field(default_factory=lambda: torch.empty(0))
+    bounds: list[int] = field(default_factory=list)
+    values: dict[int, list[Any]] = field(default_factory=dict)
+    reads: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = field(default_factory=dict)
+    buckets: list[int] = field(default_factory=list)
+    sliceable: int = 0
+    plans: dict[tuple[int, bool], list[int]] = field(default_factory=dict)
+
+    def cached(self, i: int, b: int) -> Any:
+        if i in self.values:
+            return self.values[i][b]
+        if self.base is not None and not (self.dependent >> i) & 1 and i in self.base.values:
+            return self.base.values[i][b]
+        return None
+
+    def has(self, i: int) -> bool:
+        if i in self.values:
+            return True
+        return self.base is not None and not (self.dependent >> i) & 1 and i in self.base.values
+
+    def rows_read(self, i: int) -> list[tuple[torch.Tensor, torch.Tensor]] | None:
+        if i in self.reads:
+            return self.reads[i]
+        if self.base is not None and not (self.dependent >> i) & 1:
+            return self.base.reads.get(i)
+        return None
+
+
+def _read_rows(
+    module: nn.Module, args: Sequence[Any], kwargs: Mapping[str, Any]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ids read, output row of each id) of one embedding call: which sample reads which row."""
+    ids = args[0].detach()
+    if ids.dim() >= 2 or (isinstance(module, nn.Embedding) and ids.dim() == 1):
+        per = ids[0].numel() if ids.dim() >= 2 else 1
+        sample = torch.arange(ids.shape[0], dtype=torch.int64, device=ids.device).repeat_interleave(per)
+        return ids.reshape(-1).to(torch.int64).cpu(), sample.cpu()
+    offsets = args[1] if len(args) > 1 else kwargs.get("offsets")
+    if offsets is None:  # a 1-D EmbeddingBag input needs offsets; treat it as one bag
+        return ids.to(torch.int64).cpu(), torch.zeros(ids.numel(), dtype=torch.int64)
+    pos = torch.arange(ids.numel(), dtype=torch.int64, device=ids.device)
+    sample = torch.searchsorted(offsets.to(torch.int64), pos, right=True) - 1
+    return ids.to(torch.int64).cpu(), sample.cpu()
+
+
+class IncrementalEvaluator:
+    """Clean outputs of ``model`` over ``batches`` and, per trial, outputs under its faults computed by
+    recomputing only what they reach.
+
+    ``budget`` is the cache's memory in bytes (default: ``DEFAULT_FRACTION`` of the RAM available);
+    a model that cannot be captured as a graph, or whose graph does not reproduce its eager outputs
+    bit for bit, is evaluated in full (a warning says so once). Call :meth:`prepare` once per
+    variant (a mitigation attached, no faults), then :meth:`evaluate` per trial in the same state
+    plus faults.
+    """
+
+    def __init__(
+        self, model: nn.Module, batches: Sequence[tuple[torch.Tensor, ...]], *, budget: int | None = None
+    ) -> None:
+        if budget is not None and (isinstance(budget, bool) or not isinstance(budget, int) or budget < 0):
+            raise ValueError(f"cache budget must be an int number of bytes >= 0, got {budget!r}")
+        self.model = model
+        self.batches = list(batches)
+        self.budget = default_budget() if budget is None else budget
+        self.reason: str | None = None
+        self._graphs: dict[frozenset[str], _Graph] = {}
+        self._variants: dict[str, _Variant] = {}
+        self._ratios: dict[tuple[int, int], float] = {}
+        self._needed: dict[tuple[int, int], int] = {}
+        self._dropped: set[tuple[int, int]] = set()
+        self._warned = False
+        self._tensors = {
+            **dict(model.named_parameters(remove_duplicate=False)),
+            **dict(model.named_buffers(remove_duplicate=False)),
+        }
+
+    # --- clean passes ------------------------------------------------------------------------
+
+    @property
+    def incremental(self) -> bool:
+        """Whether trials can be evaluated incrementally (the model was captured)."""
+        return self.reason is None
+
+    def _fallback(self, reason: str) -> None:
+        self.reason = reason
+        self._variants.clear()
+        self._graphs.clear()
+        if not self._warned:
+            self._warned = True
+            warnings.warn(
+                f"{type(self.model).__name__}: {reason}; trials are evaluated in full", stacklevel=3
+            )
+
+    def _graph(self, leaves: frozenset[str]) -> _Graph | None:
+        if leaves not in self._graphs:
+            graph = capture(self.model, leaves)
+            if isinstance(graph, str):
+                self._fallback(f"cannot be captured as a torch.fx graph ({graph})")
+                return None
+            self._graphs[leaves] = _Graph(self.model, graph, leaves)
+        return self._graphs[leaves]
+
+    @torch.no_grad()
+    def prepare(self, variant: str, reference: torch.Tensor, *, per_sample: bool = True) -> None:
+        """Run the clean pass of ``variant`` (the model as it is now: its mitigation attached, no
+        faults) and keep what trials need. ``reference`` is the eager clean output (float32, one per
+        row): the graph must reproduce it bit for bit, else the model is evaluated in full.
+        ``per_sample``: whatever is attached acts on each sample alone, so sub-batches may be tried."""
+        if self.reason is not None or variant in self._variants:
+            return
+        hooked = hooked_modules(self.model)
+        if "" in hooked:
+            self._fallback("the model itself has forward hooks, which a captured graph cannot run")
+            return
+        g = self._graph(hooked)
+        if g is None:
+            return
+        base = self._variants.get("none") if variant != "none" else None
+        if base is not None and base.graph is not g:
+            base = None
+        dependent = 0
+        for name in hooked:
+            for i, n in enumerate(g.nodes):
+                if n.op == "call_module" and n.target == name:
+                    dependent |= g.desc[i]
+        v = _Variant(variant, g, base, dependent if base is not None else (1 << len(g.nodes)) - 1)
+        first = not any(var.graph is g for var in self._variants.values())
+        costs: list[float] = [0.0] * len(g.nodes)
+        sizes: list[dict[int, int]] = [{} for _ in g.nodes]
+        keep: list[int] | None = None
+        generator = torch.Generator().manual_seed(0)
+        last = len(self.batches) - 1
+        per_sample = per_sample and not self.model.training
+        verified: set[int] | None = None
+        sliceable = -1
+        for b, batch in enumerate(self.batches):
+            env = self._run_all(g, batch, costs if b == 0 else None)
+            v.outputs.append(env[g.output])
+            for i, module in g.embeddings.items():
+                if v.rows_read(i) is None or i in v.reads:
+                    args, kwargs = g.arguments(i, env)
+                    v.reads.setdefault(i, []).append(_read_rows(module, args, kwargs))
+            if b == 0:
+                fixed = self._fixed_storages(batch)
+                for i in range(len(g.nodes)):
+                    if i in env and g.nodes[i].op in _COMPUTE_OPS:
+                        sizes[i] = {p: n for p, n in storages(env[i]).items() if p not in fixed}
+                keep = self._select(g, v, costs, sizes, first)
+                for i in keep:
+                    v.values[i] = []
+            for i in v.values:
+                v.values[i].append(env[i])
+            if per_sample and b in (0, last):
+                ok, mask = self._verify(g, batch, env, generator)
+                verified = set(ok) if verified is None else verified & set(ok)
+                sliceable &= mask
+        v.buckets = sorted(verified or ())
+        v.sliceable = sliceable if v.buckets else 0
+        v.flat = torch.cat([o.float().reshape(-1) for o in v.outputs])
+        v.bounds = [0]
+        for o in v.outputs:
+            v.bounds.append(v.bounds[-1] + o.numel())
+        rows = [batch[0].shape[0] if batch else 0 for batch in self.batches]
+        if v.bounds[1:] != list(torch.tensor(rows).cumsum(0).tolist()):
+            v.buckets, v.sliceable = [], 0  # outputs are not one per sample: no sub-batches
+        if not _same(v.flat, reference.float().reshape(-1)):
+            self._fallback("its captured graph does not reproduce the eager outputs bit for bit")
+            return
+        self._variants[variant] = v
+        self._enforce_budget()
+
+    def _fixed_storages(self, batch: tuple[torch.Tensor, ...]) -> set[int]:
+        """Storages that exist anyway (inputs, parameters, buffers): caching views of them is free."""
+        out = {t.untyped_storage().data_ptr() for t in batch}
+        out |= {t.untyped_storage().data_ptr() for t in self._tensors.values()}
+        return out
+
+    def _run_all(
+        self, g: _Graph, batch: tuple[torch.Tensor, ...], costs: list[float] | None
+    ) -> dict[int, Any]:
+        env: dict[int, Any] = {}
+        for i, node in enumerate(g.nodes):
+            if node.op == "placeholder":
+                env[i] = self._placeholder(g, i, batch)
+                continue
+            started = time.perf_counter()
+            env[i] = g.execute(i, env)
+            if costs is not None:
+                costs[i] = time.perf_counter() - started
+        return env
+
+    @staticmethod
+    def _placeholder(g: _Graph, i: int, batch: tuple[torch.Tensor, ...]) -> Any:
+        k = g.placeholders[i]
+        if k < len(batch):
+            return batch[k]
+        default = g.nodes[i].args
+        if default:
+            return default[0]
+        name = g.nodes[i].target
+        raise TypeError(f"the model's forward takes an input {name!r} that the batches do not hold")
+
+    def _select(
+        self, g: _Graph, v: _Variant, costs: list[float], sizes: list[dict[int, int]], first: bool
+    ) -> list[int]:
+        """Nodes whose values to keep for ``v``, greedily by saved compute (the node's own time and its
+        ancestors') per byte while the estimate fits the budget; the rest are recomputed when needed."""
+        gid = id(g)
+        if first:
+            n_batches = len(self.batches)
+            for i, node in enumerate(g.nodes):
+                if node.op in _COMPUTE_OPS:
+                    nbytes = sum(sizes[i].values()) * n_batches
+                    saved = sum(costs[j] for j in _bits(g.anc[i]))
+                    self._ratios[(gid, i)] = saved / nbytes if nbytes else float("inf")
+                    self._needed[(gid, i)] = nbytes
+        candidates = [i for (h, i) in self._ratios if h == gid and (v.dependent >> i) & 1]
+        candidates.sort(key=lambda i: -self._ratios[(gid, i)])
+        room = self.budget - self._used()
+        seen: set[int] = set()
+        keep = []
+        for i in candidates:
+            extra = (
+                sum(n for p, n in sizes[i].items() if p not in seen) * len(self.batches)
+                if first
+                else (self._needed[(gid, i)])
+            )
+            if extra > room:
+                self._dropped.add((gid, i))
+                continue
+            room -= extra
+            seen.update(sizes[i])
+            keep.append(i)
+        return sorted(keep)
+
+    def _enforce_budget(self) -> None:
+        """Drop kept values, least saved compute per byte first, until the cache fits the budget."""
+        while self._used() > self.budget:
+            kept = [
+                (self._ratios.get((id(v.graph), i), 0.0), v.name, i)
+                for v in self._variants.values()
+                for i in v.values
+                if self._needed.get((id(v.graph), i), 0) > 0
+            ]
+            if not kept:
+                break
+            _, name, i = min(kept)
+            v = self._variants[name]
+            del v.values[i]
+            v.plans.clear()
+            for other in self._variants.values():
+                if other.base is v:
+                    other.plans.clear()
+            self._dropped.add((id(v.graph), i))
+
+    def _used(self) -> int:
+        seen: dict[int, int] = {}
+        fixed: set[int] = set()
+        for batch in self.batches:
+            fixed |= {t.untyped_storage().data_ptr() for t in batch}
+        fixed |= {t.untyped_storage().data_ptr() for t in self._tensors.values()}
+        for v in self._variants.values():
+            for values in v.values.values():
+                for value in values:
+                    seen.update(storages(value))
+        return sum(n for p, n in seen.items() if p not in fixed)
+
+    def cache_report(self) -> CacheReport:
+        """What the cache holds now, measured."""
+        kept = [f"{v.name}:{v.graph.name(i)}" for v in self._variants.values() for i in v.values]
+        dropped = sorted(
+            {
+                v.graph.name(i)
+                for v in self._variants.values()
+                for (gid, i) in self._dropped
+                if gid == id(v.graph)
+            }
+        )
+        needed = sum(self._needed.values())
+        return CacheReport(self.budget, self._used(), needed, kept, dropped)
+
+    @torch.no_grad()
+    def _verify(
+        self, g: _Graph, batch: tuple[torch.Tensor, ...], env: dict[int, Any], generator: torch.Generator
+    ) -> tuple[list[int], int]:
+        """Sub-batch sizes whose rows equal the full batch's bit for bit, and the nodes whose values
+        are per-sample (a sub-batch's value is the full value's rows), on this clean batch."""
+        rows = batch[0].shape[0]
+        if any(t.shape[0] != rows for t in batch):
+            return [], 0
+        ok: list[int] = []
+        sliceable = -1
+        size = _MIN_BUCKET
+        while size < rows:
+            idx = torch.randperm(rows, generator=generator)[:size].sort().values
+            sub_env = self._run_all(g, tuple(t[idx] for t in batch), None)
+            if _same(sub_env[g.output], env[g.output][idx]):
+                ok.append(size)
+                mask = 0
+                for i, value in env.items():
+                    sub = sub_env.get(i)
+                    if (
+                        isinstance(value, torch.Tensor)
+                        and isinstance(sub, torch.Tensor)
+                        and value.dim() > 0
+                        and value.shape[0] == rows
+                        and sub.shape[0] == size
+                        and _same(value[idx], sub)
+                    ):
+                        mask |= 1 << i
+                sliceable &= mask
+            size *= 2
+        return ok, (sliceable if ok else 0)
+
+    # --- trials ------------------------------------------------------------------------------
+
+    def clean(self, variant: str) -> torch.Tensor:
+        """The clean outputs of a prepared ``variant``."""
+        return self._variants[variant].flat
+
+    @torch.no_grad()
+    def evaluate(
+        self, variant: str, faults: Mapping[str, Faults], hooked: Sequence[str] = ()
+    ) -> Outcome | None:
+        """Outputs under ``faults`` (tensor name -> faults, now in the model) and activation hooks on
+        the modules ``hooked``; None when this trial needs a full evaluation (not captured, or a fault
+        the graph cannot place)."""
+        v = self._variants.get(variant)
+        if v is None:
+            return None
+        g = v.graph
+        dense, rows = 0, {}
+        for name, f in faults.items():
+            if not len(f):
+                continue
+            tensor = self._tensors.get(name)
+            if tensor is None:
+                return None
+            mask = g.by_storage.get(tensor.untyped_storage().data_ptr(), 0)
+            if not mask:
+                return None  # read outside the graph's nodes: cannot tell what it reaches
+            i = mask.bit_length() - 1
+            module = g.embeddings.get(i) if mask == 1 << i else None
+            if module is not None and module.weight is tensor and v.rows_read(i) is not None:
+                bad = torch.unique(f.index.to(torch.int64) // module.weight.shape[1])
+                rows[i] = torch.cat([rows[i], bad]) if i in rows else bad
+            else:
+                dense |= mask
+        for name in hooked:
+            nodes = [i for i, n in enumerate(g.nodes) if n.op == "call_module" and n.target == name]
+            if not nodes and any(c.startswith(f"{name}.") for c in g.called):
+                return None  # hooked inside the graph, not at a module call: cannot place it
+            for i in nodes:
+                dense |= 1 << i
+        out = v.flat
+        recomputed: list[torch.Tensor] = []
+        used_samples = False
+        for b, batch in enumerate(self.batches):
+            seeds = dense
+            samples: list[torch.Tensor] = []
+            for i, bad in rows.items():
+                reads = v.rows_read(i)
+                assert reads is not None
+                ids, sample = reads[b]
+                hit = torch.isin(ids, bad)
+                if bool(hit.any()):
+                    seeds |= 1 << i
+                    samples.append(sample[hit])
+            dirty = 0
+            for i in _bits(seeds):
+                dirty |= g.desc[i]
+            if not (dirty >> g.output) & 1:
+                continue
+            if out is v.flat:
+                out = v.flat.clone()
+            lo, hi = v.bounds[b], v.bounds[b + 1]
+            affected = torch.unique(torch.cat(samples)) if samples and not dense else None
+            size = self._bucket(v, affected, hi - lo)
+            if affected is not None and size:
+                self._run_samples(v, b, batch, dirty, affected, size, out)
+                recomputed.append(affected + lo)
+                used_samples = True
+            else:
+                env = self._run_dirty(v, b, batch, dirty, None)
+                out[lo:hi] = env[g.output].float().reshape(-1)
+                recomputed.append(torch.arange(lo, hi, dtype=torch.int64))
+        if not recomputed:
+            return Outcome(v.flat, "clean", torch.empty(0, dtype=torch.int64))
+        path = "subgraph" if dense else ("samples" if used_samples else "rows")
+        return Outcome(out, path, torch.cat(recomputed))
+
+    @staticmethod
+    def _bucket(v: _Variant, affected: torch.Tensor | None, rows: int) -> int:
+        if affected is None:
+            return 0
+        for size in v.buckets:
+            if size >= affected.numel() and size <= rows // 2:
+                return size
+        return 0
+
+    def _plan(self, v: _Variant, dirty: int, sub: bool) -> list[int]:
+        """Nodes to execute, in order: the dirty ones and the clean ones they need that are not kept."""
+        key = (dirty, sub)
+        if key not in v.plans:
+            g = v.graph
+            needed = dirty
+            stack = _bits(dirty)
+            while stack:
+                i = stack.pop()
+                for j in g.inputs[i]:
+                    if (needed >> j) & 1 or g.nodes[j].op in ("placeholder", "get_attr"):
+                        continue
+                    if v.has(j) and (not sub or (v.sliceable >> j) & 1):
+                        continue
+                    needed |= 1 << j
+                    stack.append(j)
+            v.plans[key] = _bits(needed)
+        return v.plans[key]
+
+    def _run_dirty(
+        self, v: _Variant, b: int, batch: tuple[torch.Tensor, ...], dirty: int, idx: torch.Tensor | None
+    ) -> dict[int, Any]:
+        g = v.graph
+        sub = idx is not None
+        order = self._plan(v, dirty, sub)
+        env: dict[int, Any] = {}
+        needed = 0
+        for i in order:
+            needed |= 1 << i
+        for i in order:
+            for j in g.inputs[i]:
+                if j in env:
+                    continue
+                node = g.nodes[j]
+                if node.op == "placeholder":
+                    value = self._placeholder(g, j, batch)
+                    env[j] = value[idx] if sub and isinstance(value, torch.Tensor) else value
+                elif node.op == "get_attr":
+                    env[j] = g.attr(str(node.target))
+                elif not (needed >> j) & 1:
+                    value = v.cached(j, b)
+                    env[j] = value[idx] if sub else value
+            env[i] = g.execute(i, env)
+        return env
+
+    def _run_samples(
+        self,
+        v: _Variant,
+        b: int,
+        batch: tuple[torch.Tensor, ...],
+        dirty: int,
+        affected: torch.Tensor,
+        size: int,
+        out: torch.Tensor,
+    ) -> None:
+        """Recompute the ``affected`` samples of batch ``b`` as one sub-batch of a verified ``size``
+        (padded with unaffected rows, whose values are clean) and write them into ``out``."""
+        rows = batch[0].shape[0]
+        free = torch.ones(rows, dtype=torch.bool)
+        free[affected] = False
+        pad = free.nonzero().squeeze(1)[: size - affected.numel()]
+        idx, order = torch.sort(torch.cat([affected, pad]))
+        env = self._run_dirty(v, b, batch, dirty, idx)
+        values = env[v.graph.output].float().reshape(-1)
+        where = (order < affected.numel()).nonzero().squeeze(1)
+        out[v.bounds[b] + idx[where]] = values[where]
