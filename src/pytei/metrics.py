@@ -73,42 +73,12 @@ def _below(ordered: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return torch.searchsorted(ordered, x, side="left") + torch.searchsorted(ordered, x, side="right")
 
 
-def _twice_u(pos: torch.Tensor, neg_sorted: torch.Tensor, pos_w: torch.Tensor | None = None) -> int:
-    """``sum_p w_p * sum_n (2[p > n] + [p == n])`` over ``pos`` against sorted ``neg_sorted``
-    (``w_p = 1`` when ``pos_w`` is None): ``#(n < p) + #(n <= p)``, two binary searches per ``p``."""
+def _twice_u(pos: torch.Tensor, neg_sorted: torch.Tensor) -> int:
+    """Twice the Mann-Whitney count ``sum_{p, n} 2[p > n] + [p == n]`` of ``pos`` against sorted
+    ``neg_sorted``: ``#(n < p) + #(n <= p)`` summed over ``p``."""
     if not pos.numel() or not neg_sorted.numel():
         return 0
-    below = _below(neg_sorted, pos)
-    return int(below.sum() if pos_w is None else (below * pos_w).sum())
-
-
-def _twice_u_of(pos_sorted: torch.Tensor, neg: torch.Tensor, neg_w: torch.Tensor) -> int:
-    """``sum_n w_n * sum_p (2[p > n] + [p == n])`` over sorted ``pos_sorted`` against ``neg``:
-    ``#(p > n) + #(p >= n) = 2 |P| - #(p < n) - #(p <= n)`` per ``n``."""
-    if not pos_sorted.numel() or not neg.numel():
-        return 0
-    below = _below(pos_sorted, neg)
-    return int(((2 * pos_sorted.numel() - below) * neg_w).sum())
-
-
-def _twice_u_weighted(pos: torch.Tensor, pos_w: torch.Tensor, neg: torch.Tensor, neg_w: torch.Tensor) -> int:
-    """``sum_{p, n} w_p w_n (2[p > n] + [p == n])`` for two small weighted sets, in O(k log k):
-    sorts ``neg`` and reads prefix sums of its weights at both binary-search ends of each ``p``."""
-    if not pos.numel() or not neg.numel():
-        return 0
-    order = torch.argsort(neg)
-    cum = torch.cat([neg_w.new_zeros(1), torch.cumsum(neg_w[order], 0)])
-    sorted_neg = neg[order]
-    left = torch.searchsorted(sorted_neg, pos, side="left")
-    right = torch.searchsorted(sorted_neg, pos, side="right")
-    return int(((cum[left] + cum[right]) * pos_w).sum())
-
-
-def _signed(new: torch.Tensor, old: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``new`` and ``old`` values as one signed set: the values, and weights +1 (new) and -1 (old)."""
-    weights = torch.ones(new.numel() + old.numel(), dtype=torch.int64)
-    weights[new.numel() :] = -1
-    return torch.cat([new, old]), weights
+    return int(_below(neg_sorted, pos).sum())
 
 
 def _auc_from_counts(
@@ -128,7 +98,11 @@ def auc(logits: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
     per positive: O(N log N)), and each value is one rounding of an integer ratio.
     """
     s = _f64(logits)
-    is_pos = _check_labels(labels, s.numel()) == 1
+    return _auc_of(s, _check_labels(labels, s.numel()) == 1)
+
+
+def _auc_of(s: torch.Tensor, is_pos: torch.Tensor) -> dict[str, float]:
+    """:func:`auc` of float64 scores ``s`` with checked labels (``is_pos``: True for positives)."""
     ok = torch.isfinite(s)
     vp, vn = s[ok & is_pos], torch.sort(s[ok & ~is_pos]).values
     n, n_pos = s.numel(), int(is_pos.sum())
@@ -152,9 +126,10 @@ def _check_indices(changed: torch.Tensor, n: int) -> torch.Tensor:
             bad = low if low < 0 else high
             raise ValueError(f"changed holds index {bad}; indices must lie in [0, {n}) for {n} outputs")
         ordered = torch.sort(idx).values
-        dup = ordered[1:][ordered[1:] == ordered[:-1]]
-        if dup.numel():
-            raise ValueError(f"changed holds index {int(dup[0])} more than once; each index may appear once")
+        same = ordered[1:] == ordered[:-1]
+        if bool(same.any()):
+            dup = int(ordered[1:][same][0])
+            raise ValueError(f"changed holds index {dup} more than once; each index may appear once")
     return idx
 
 
@@ -181,15 +156,21 @@ class RankAUC:
     ``update(changed, new_values)`` returns exactly (bit for bit, NaN included) what
     ``auc(new_logits, labels)`` returns, where ``new_logits`` is the clean logits with
     ``new_logits[changed] = new_values``, without building or sorting the new array. Every update is
-    relative to the clean logits (the state is never modified), as each campaign trial is.
+    relative to the clean logits (the state is never modified), as each campaign trial is. When
+    more than ``full_above`` of the outputs changed (default 0.1, about where the update stops
+    being cheaper), it scores the new array from scratch instead; the result is the same.
 
     With ``D`` the signed change of the valid scores (new values +1, old values -1, per label) and
     ``W(A, B) = sum_{p in A+, n in B-} 2[p > n] + [p == n]`` bilinear:
-    ``2U_new = 2U_old + W(D, clean) + W(clean, D) + W(D, D)``; the first two are binary searches of
-    ``D`` in the clean sorted scores, the last a sort of ``D``'s negatives (at most 2k values).
+    ``2U_new = 2U_old + W(D, clean) + W(clean, D) + W(D, D)``: D (2k values) is sorted once, the
+    first two terms are binary searches of D in the clean sorted scores, the last one of D in itself
+    (prefix sums of its negatives' weights). Valid counts and the invalid count change by D's weights.
     """
 
-    def __init__(self, clean_logits: torch.Tensor, labels: torch.Tensor) -> None:
+    def __init__(self, clean_logits: torch.Tensor, labels: torch.Tensor, *, full_above: float = 0.1) -> None:
+        if not 0.0 <= full_above <= 1.0:
+            raise ValueError(f"full_above is a share of the outputs in [0, 1], got {full_above!r}")
+        self.full_above = full_above
         s = _f64(clean_logits)
         self._clean = s
         self._is_pos = _check_labels(labels, s.numel()) == 1
@@ -204,25 +185,41 @@ class RankAUC:
     def update(self, changed: torch.Tensor, new_values: torch.Tensor) -> dict[str, float]:
         """``auc`` of the clean logits with ``changed`` (distinct int indices) set to ``new_values``."""
         idx, new = _check_changed(changed, new_values, self._n)
-        old = self._clean[idx]
+        k = idx.numel()
+        if k > self.full_above * self._n:  # cheaper from scratch, and exactly the same
+            full = self._clean.clone()
+            full[idx] = new
+            return _auc_of(full, self._is_pos)
+        # The signed change D, sorted: new values weigh +1 and old values -1, on the label's side
+        # (wp for positives, wn for negatives); invalid values weigh 0 (and are set to 0.0 to sort).
+        vals = torch.cat([new, self._clean[idx]])
+        ok = torch.isfinite(vals)
+        sign = torch.ones(2 * k, dtype=torch.int64)
+        sign[k:] = -1
         is_pos = self._is_pos[idx]
-        old_ok, new_ok = torch.isfinite(old), torch.isfinite(new)
-        # The signed change D: valid new values count +1, valid old values -1, split by label.
-        dp, dp_w = _signed(new[new_ok & is_pos], old[old_ok & is_pos])
-        dn, dn_w = _signed(new[new_ok & ~is_pos], old[old_ok & ~is_pos])
-        twice_u = (
-            self._twice_u
-            + _twice_u(dp, self._neg_sorted, dp_w)
-            + _twice_u_of(self._pos_sorted, dn, dn_w)
-            + _twice_u_weighted(dp, dp_w, dn, dn_w)
+        is_pos = torch.cat([is_pos, is_pos])
+        vals = torch.where(ok, vals, torch.zeros_like(vals))
+        order = torch.argsort(vals)
+        v, sign, ok, is_pos = vals[order], sign[order], ok[order], is_pos[order]
+        wp, wn = sign * (ok & is_pos), sign * (ok & ~is_pos)
+        cum_wn = torch.cat([wn.new_zeros(1), torch.cumsum(wn, 0)])
+        # 2U_new - 2U_old = W(D, clean) + W(clean, D) + W(D, D).
+        delta = (
+            wp * _below(self._neg_sorted, v)
+            + wn * (2 * self._pos_sorted.numel() - _below(self._pos_sorted, v))
+            + wp
+            * (cum_wn[torch.searchsorted(v, v, side="left")] + cum_wn[torch.searchsorted(v, v, side="right")])
         )
+        d_twice_u, d_vpos, d_vneg, d_bad = torch.stack(
+            [delta.sum(), wp.sum(), wn.sum(), (sign * ~ok).sum()]
+        ).tolist()
         return _auc_from_counts(
-            twice_u,
+            self._twice_u + d_twice_u,
             self._n_pos,
             self._n - self._n_pos,
-            self._pos_sorted.numel() + int(dp_w.sum()),
-            self._neg_sorted.numel() + int(dn_w.sum()),
-            self._n_bad + int(old_ok.sum()) - int(new_ok.sum()),
+            self._pos_sorted.numel() + d_vpos,
+            self._neg_sorted.numel() + d_vneg,
+            self._n_bad + d_bad,
             self._n,
         )
 
