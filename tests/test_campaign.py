@@ -13,6 +13,7 @@ from pytei.campaign import load_spec, plan
 from pytei.campaign.execute import resume_campaign, run_campaign
 from pytei.campaign.runner import ModelRunner, load_evaluation
 from pytei.campaign.store import SpecMismatch, Store
+from pytei.incremental import PATHS
 from pytei.results import load
 
 SPEC = """
@@ -116,7 +117,7 @@ def test_fast_paths_equal_full_evaluation(spec_path):
         for m in a.metrics:
             x, y = a.metrics[m], b.metrics[m]
             assert x == y or (math.isnan(x) and math.isnan(y)), (t.target, t.rate, m, x, y)
-    assert {"rows", "suffix"} <= paths  # embedding-row and prefix reuse were both exercised
+    assert "subgraph" in paths and paths & {"rows", "samples"}, paths  # node and row reuse both exercised
 
 
 def test_failing_trial_is_recorded_and_campaign_goes_on(tmp_path):
@@ -153,7 +154,7 @@ def test_restore_drift_is_detected(spec_path):
 def test_extra_is_json(spec_path, tmp_path):
     run_campaign(load_spec(spec_path), tmp_path / "r.db", progress=False)
     extra = [json.loads(e) for e in load(tmp_path / "r.db").extra]
-    assert {e["path"] for e in extra} <= {"clean", "rows", "suffix", "full"}
+    assert {e["path"] for e in extra} <= set(PATHS)
 
 
 ADAPTIVE = """

@@ -69,7 +69,7 @@ def make_row(i: int, **values) -> TrialRow:
         rmse_valid=0.01 * i,
         baseline_auc=0.8,
         baseline_rmse=0.0,
-        extra={"path": "suffix", "i": i},
+        extra={"path": "subgraph", "i": i},
         started=1_000.0 + i,
         finished=1_000.5 + i,
         duration_s=0.5,

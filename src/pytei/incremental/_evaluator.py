@@ -16,6 +16,7 @@ verified, on the clean run, to give the rows of the full batch bit for bit.
 
 from __future__ import annotations
 
+import operator
 import time
 import warnings
 from collections.abc import Mapping, Sequence
@@ -85,6 +86,49 @@ def _same(a: Any, b: Any) -> bool:
     return bool(a == b) if not isinstance(a, torch.Tensor) and not isinstance(b, torch.Tensor) else False
 
 
+_INPLACE_OPERATORS = {
+    operator.setitem,
+    operator.iadd,
+    operator.isub,
+    operator.imul,
+    operator.itruediv,
+    operator.ifloordiv,
+    operator.imod,
+    operator.ipow,
+    operator.iand,
+    operator.ior,
+    operator.ixor,
+    operator.ilshift,
+    operator.irshift,
+    operator.imatmul,
+}
+
+
+def _writes_inputs(node: fx.Node, modules: Mapping[str, nn.Module]) -> bool:
+    """Whether a node may write into one of its inputs (``x += y``, ``x.add_(y)``, ``inplace=True``)."""
+    if node.kwargs.get("inplace"):
+        return True
+    if node.op == "call_method":
+        name = str(node.target)
+        return name.endswith("_") and not name.endswith("__")
+    if node.op == "call_function":
+        name = getattr(node.target, "__name__", "")
+        return node.target in _INPLACE_OPERATORS or (name.endswith("_") and not name.endswith("__"))
+    if node.op == "call_module":
+        return bool(getattr(modules[str(node.target)], "inplace", False))
+    return False
+
+
+def _written(g: _Graph, env: Mapping[int, Any]) -> set[int]:
+    """Storages that in-place nodes write into (their first tensor input's), in this clean pass."""
+    out: set[int] = set()
+    for i, writes in enumerate(g.inplace):
+        if writes:
+            for j in g.inputs[i][:1]:
+                out.update(storages(env.get(j)))
+    return out
+
+
 def _bits(mask: int) -> list[int]:
     out, i = [], 0
     while mask:
@@ -120,6 +164,8 @@ class _Graph:
             for j in self.inputs[i]:
                 mask |= self.anc[j]
             self.anc[i] = mask
+        self.inplace = [_writes_inputs(n, self.modules) for n in self.nodes]
+        self.uncacheable = 0
         self.by_storage: dict[int, int] = {}
         self.embeddings: dict[int, nn.Module] = {}
         self.called: set[str] = set()
@@ -295,10 +341,10 @@ class IncrementalEvaluator:
         if self.reason is not None or variant in self._variants:
             return
         hooked = hooked_modules(self.model)
-        if "" in hooked:
-            self._fallback("the model itself has forward hooks, which a captured graph cannot run")
+        if self.model._forward_pre_hooks:
+            self._fallback("the model itself has forward pre-hooks, which a captured graph cannot run")
             return
-        g = self._graph(hooked)
+        g = self._graph(hooked - {""})
         if g is None:
             return
         base = self._variants.get("none") if variant != "none" else None
@@ -321,23 +367,30 @@ class IncrementalEvaluator:
         sliceable = -1
         for b, batch in enumerate(self.batches):
             env = self._run_all(g, batch, costs if b == 0 else None)
-            v.outputs.append(env[g.output])
+            final = self._finish(batch, env[g.output])
+            v.outputs.append(final)
             for i, module in g.embeddings.items():
                 if v.rows_read(i) is None or i in v.reads:
                     args, kwargs = g.arguments(i, env)
                     v.reads.setdefault(i, []).append(_read_rows(module, args, kwargs))
             if b == 0:
                 fixed = self._fixed_storages(batch)
+                written = _written(g, env)
                 for i in range(len(g.nodes)):
                     if i in env and g.nodes[i].op in _COMPUTE_OPS:
-                        sizes[i] = {p: n for p, n in storages(env[i]).items() if p not in fixed}
+                        held = storages(env[i])
+                        if written & held.keys():
+                            g.uncacheable |= (
+                                1 << i
+                            )  # a later op writes into it: its kept value would be stale
+                        sizes[i] = {p: n for p, n in held.items() if p not in fixed}
                 keep = self._select(g, v, costs, sizes, first)
                 for i in keep:
                     v.values[i] = []
             for i in v.values:
                 v.values[i].append(env[i])
             if per_sample and b in (0, last):
-                ok, mask = self._verify(g, batch, env, generator)
+                ok, mask = self._verify(g, batch, env, final, generator)
                 verified = set(ok) if verified is None else verified & set(ok)
                 sliceable &= mask
         v.buckets = sorted(verified or ())
@@ -354,6 +407,18 @@ class IncrementalEvaluator:
             return
         self._variants[variant] = v
         self._enforce_budget()
+
+    def _finish(self, inputs: tuple[torch.Tensor, ...], output: Any) -> Any:
+        """The graph's output passed through the model's own forward hooks, as ``model(*inputs)`` does."""
+        root = self.model
+        for key, hook in root._forward_hooks.items():
+            if key in root._forward_hooks_with_kwargs:
+                result = hook(root, inputs, {}, output)
+            else:
+                result = hook(root, inputs, output)
+            if result is not None:
+                output = result
+        return output
 
     def _fixed_storages(self, batch: tuple[torch.Tensor, ...]) -> set[int]:
         """Storages that exist anyway (inputs, parameters, buffers): caching views of them is free."""
@@ -392,11 +457,12 @@ class IncrementalEvaluator:
         """Nodes whose values to keep for ``v``, greedily by saved compute (the node's own time and its
         ancestors') per byte while the estimate fits the budget; the rest are recomputed when needed."""
         gid = id(g)
+        rows = [b[0].shape[0] if b else 1 for b in self.batches]
+        scale = sum(rows) / max(rows[0], 1)  # batch 0's bytes -> all batches' (the last may be short)
         if first:
-            n_batches = len(self.batches)
             for i, node in enumerate(g.nodes):
-                if node.op in _COMPUTE_OPS:
-                    nbytes = sum(sizes[i].values()) * n_batches
+                if node.op in _COMPUTE_OPS and not (g.uncacheable >> i) & 1:
+                    nbytes = int(sum(sizes[i].values()) * scale)
                     saved = sum(costs[j] for j in _bits(g.anc[i]))
                     self._ratios[(gid, i)] = saved / nbytes if nbytes else float("inf")
                     self._needed[(gid, i)] = nbytes
@@ -407,9 +473,9 @@ class IncrementalEvaluator:
         keep = []
         for i in candidates:
             extra = (
-                sum(n for p, n in sizes[i].items() if p not in seen) * len(self.batches)
+                int(sum(n for p, n in sizes[i].items() if p not in seen) * scale)
                 if first
-                else (self._needed[(gid, i)])
+                else self._needed[(gid, i)]
             )
             if extra > room:
                 self._dropped.add((gid, i))
@@ -467,7 +533,12 @@ class IncrementalEvaluator:
 
     @torch.no_grad()
     def _verify(
-        self, g: _Graph, batch: tuple[torch.Tensor, ...], env: dict[int, Any], generator: torch.Generator
+        self,
+        g: _Graph,
+        batch: tuple[torch.Tensor, ...],
+        env: dict[int, Any],
+        full_out: Any,
+        generator: torch.Generator,
     ) -> tuple[list[int], int]:
         """Sub-batch sizes whose rows equal the full batch's bit for bit, and the nodes whose values
         are per-sample (a sub-batch's value is the full value's rows), on this clean batch."""
@@ -479,8 +550,10 @@ class IncrementalEvaluator:
         size = _MIN_BUCKET
         while size < rows:
             idx = torch.randperm(rows, generator=generator)[:size].sort().values
-            sub_env = self._run_all(g, tuple(t[idx] for t in batch), None)
-            if _same(sub_env[g.output], env[g.output][idx]):
+            sub_batch = tuple(t[idx] for t in batch)
+            sub_env = self._run_all(g, sub_batch, None)
+            sub_out = self._finish(sub_batch, sub_env[g.output])
+            if isinstance(full_out, torch.Tensor) and _same(sub_out, full_out[idx]):
                 ok.append(size)
                 mask = 0
                 for i, value in env.items():
@@ -568,7 +641,7 @@ class IncrementalEvaluator:
                 used_samples = True
             else:
                 env = self._run_dirty(v, b, batch, dirty, None)
-                out[lo:hi] = env[g.output].float().reshape(-1)
+                out[lo:hi] = self._finish(batch, env[g.output]).float().reshape(-1)
                 recomputed.append(torch.arange(lo, hi, dtype=torch.int64))
         if not recomputed:
             return Outcome(v.flat, "clean", torch.empty(0, dtype=torch.int64))
@@ -647,6 +720,6 @@ class IncrementalEvaluator:
         pad = free.nonzero().squeeze(1)[: size - affected.numel()]
         idx, order = torch.sort(torch.cat([affected, pad]))
         env = self._run_dirty(v, b, batch, dirty, idx)
-        values = env[v.graph.output].float().reshape(-1)
+        values = self._finish(tuple(t[idx] for t in batch), env[v.graph.output]).float().reshape(-1)
         where = (order < affected.numel()).nonzero().squeeze(1)
         out[v.bounds[b] + idx[where]] = values[where]
