@@ -400,6 +400,8 @@ def test_interactions_match_pairwise_loops() -> None:
     x = torch.randn(4, 5, 3, generator=torch.Generator().manual_seed(0))
     pairs = [(x[:, i] * x[:, j]).sum(1) for i in range(5) for j in range(i + 1, 5)]
     torch.testing.assert_close(DotInteraction()(x), torch.stack(pairs, 1))
+    # a dense vector given apart is vector 0: the pairs of [dense, *vectors], in the same order
+    torch.testing.assert_close(DotInteraction()(x[:, 1:], x[:, 0]), torch.stack(pairs, 1))
     torch.testing.assert_close(FactorizationMachine()(x), torch.stack(pairs, 1).sum(1, keepdim=True))
 
 

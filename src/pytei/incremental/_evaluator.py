@@ -36,6 +36,8 @@ __all__ = ["CacheReport", "IncrementalEvaluator", "Outcome", "PATHS"]
 PATHS = ("clean", "rows", "samples", "subgraph", "full")
 #: Smallest sub-batch; sizes double from it up to (not including) the batch size.
 _MIN_BUCKET = 8
+#: Smallest number of a Linear's output features recomputed alone (narrower GEMMs change kernels).
+_MIN_COLUMNS = 16
 _COMPUTE_OPS = ("call_module", "call_function", "call_method")
 _EMBEDDINGS = (nn.Embedding, nn.EmbeddingBag)
 
@@ -43,11 +45,14 @@ _EMBEDDINGS = (nn.Embedding, nn.EmbeddingBag)
 @dataclass
 class Outcome:
     """A trial's outputs (float32, one per row), the path that computed them, and the rows recomputed
-    (the only ones that can differ from the clean outputs; all rows for ``full``)."""
+    (the only ones that can differ from the clean outputs; all rows for ``full``), and how often a
+    Linear layer was re-run on a few output features only."""
 
     outputs: torch.Tensor
     path: str
     recomputed: torch.Tensor
+    narrowed: int = 0
+    """How many (Linear node, batch) pairs re-ran only the output features their faults touch."""
 
 
 @dataclass
@@ -119,6 +124,12 @@ def _writes_inputs(node: fx.Node, modules: Mapping[str, nn.Module]) -> bool:
     return False
 
 
+def _columns(module: nn.Linear, x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """Output features ``idx`` of ``module(x)``, computed alone."""
+    bias = module.bias.index_select(0, idx) if module.bias is not None else None
+    return nn.functional.linear(x, module.weight.index_select(0, idx), bias)
+
+
 def _written(g: _Graph, env: Mapping[int, Any]) -> set[int]:
     """Storages that in-place nodes write into (their first tensor input's), in this clean pass."""
     out: set[int] = set()
@@ -168,6 +179,7 @@ class _Graph:
         self.uncacheable = 0
         self.by_storage: dict[int, int] = {}
         self.embeddings: dict[int, nn.Module] = {}
+        self.linears: dict[int, nn.Linear] = {}
         self.called: set[str] = set()
         for i, n in enumerate(self.nodes):
             if n.op == "call_module":
@@ -179,6 +191,8 @@ class _Graph:
                 ]
                 if isinstance(module, _EMBEDDINGS) and getattr(module, "max_norm", None) is None:
                     self.embeddings[i] = module
+                if type(module) is nn.Linear and len(n.args) == 1 and not n.kwargs and self.inputs[i]:
+                    self.linears[i] = module
             elif n.op == "get_attr":
                 value = self.attr(str(n.target))
                 tensors = [value] if isinstance(value, torch.Tensor) else []
@@ -237,6 +251,7 @@ class _Variant:
     buckets: list[int] = field(default_factory=list)
     sliceable: int = 0
     plans: dict[tuple[int, bool], list[int]] = field(default_factory=dict)
+    columns: dict[int, list[int]] = field(default_factory=dict)
 
     def cached(self, i: int, b: int) -> Any:
         if i in self.values:
@@ -389,6 +404,8 @@ class IncrementalEvaluator:
                     v.values[i] = []
             for i in v.values:
                 v.values[i].append(env[i])
+            if b in (0, last):
+                self._verify_columns(g, v, env, hooked, b == 0)
             if per_sample and b in (0, last):
                 ok, mask = self._verify(g, batch, env, final, generator)
                 verified = set(ok) if verified is None else verified & set(ok)
@@ -532,6 +549,29 @@ class IncrementalEvaluator:
         return CacheReport(self.budget, self._used(), needed, kept, dropped)
 
     @torch.no_grad()
+    def _verify_columns(
+        self, g: _Graph, v: _Variant, env: dict[int, Any], hooked: frozenset[str], first: bool
+    ) -> None:
+        """Widths at which a Linear's output columns computed alone equal the full layer's bit for bit
+        (kept only if they hold on every batch checked): a fault in a few rows of its weight then
+        re-runs only those output features."""
+        generator = torch.Generator().manual_seed(1)
+        for i, module in g.linears.items():
+            if str(g.nodes[i].target) in hooked or (g.uncacheable >> i) & 1:
+                continue
+            x, y = env[g.inputs[i][0]], env[i]
+            widths, width = [], _MIN_COLUMNS
+            while width <= module.out_features // 2:
+                idx = torch.randperm(module.out_features, generator=generator)[:width].sort().values
+                if _same(_columns(module, x, idx), y.index_select(-1, idx)):
+                    widths.append(width)
+                width *= 2
+            if first:
+                v.columns[i] = widths
+            elif i in v.columns:
+                v.columns[i] = [w for w in v.columns[i] if w in widths]
+
+    @torch.no_grad()
     def _verify(
         self,
         g: _Graph,
@@ -589,6 +629,8 @@ class IncrementalEvaluator:
             return None
         g = v.graph
         dense, rows = 0, {}
+        columns: dict[int, torch.Tensor] = {}
+        whole: set[int] = set()
         for name, f in faults.items():
             if not len(f):
                 continue
@@ -603,17 +645,27 @@ class IncrementalEvaluator:
             if module is not None and module.weight is tensor and v.rows_read(i) is not None:
                 bad = torch.unique(f.index.to(torch.int64) // module.weight.shape[1])
                 rows[i] = torch.cat([rows[i], bad]) if i in rows else bad
+                continue
+            dense |= mask
+            linear = g.linears.get(i) if mask == 1 << i and v.columns.get(i) and v.has(i) else None
+            if linear is not None and (tensor is linear.weight or tensor is linear.bias):
+                index = f.index.to(torch.int64)
+                hit = index // linear.in_features if tensor is linear.weight else index
+                columns[i] = torch.cat([columns[i], hit]) if i in columns else hit
             else:
-                dense |= mask
+                whole.add(i)
         for name in hooked:
             nodes = [i for i, n in enumerate(g.nodes) if n.op == "call_module" and n.target == name]
             if not nodes and any(c.startswith(f"{name}.") for c in g.called):
                 return None  # hooked inside the graph, not at a module call: cannot place it
             for i in nodes:
                 dense |= 1 << i
+                whole.add(i)
+        narrow = self._narrow(v, columns, whole, dense)
         out = v.flat
         recomputed: list[torch.Tensor] = []
         used_samples = False
+        narrowed = 0
         for b, batch in enumerate(self.batches):
             seeds = dense
             samples: list[torch.Tensor] = []
@@ -640,13 +692,36 @@ class IncrementalEvaluator:
                 recomputed.append(affected + lo)
                 used_samples = True
             else:
-                env = self._run_dirty(v, b, batch, dirty, None)
+                here = {i: c for i, c in narrow.items() if not seeds & g.anc[i] & ~(1 << i)}
+                env = self._run_dirty(v, b, batch, dirty, None, here)
+                narrowed += len(here)
                 out[lo:hi] = self._finish(batch, env[g.output]).float().reshape(-1)
                 recomputed.append(torch.arange(lo, hi, dtype=torch.int64))
         if not recomputed:
             return Outcome(v.flat, "clean", torch.empty(0, dtype=torch.int64))
         path = "subgraph" if dense else ("samples" if used_samples else "rows")
-        return Outcome(out, path, torch.cat(recomputed))
+        return Outcome(out, path, torch.cat(recomputed), narrowed)
+
+    @staticmethod
+    def _narrow(
+        v: _Variant, columns: dict[int, torch.Tensor], whole: set[int], dense: int
+    ) -> dict[int, torch.Tensor]:
+        """Linear nodes to re-run on a few output features: faulted only in some rows, their input clean
+        (no other seed upstream), padded to a verified width with clean features."""
+        g = v.graph
+        out: dict[int, torch.Tensor] = {}
+        for i, hit in columns.items():
+            if i in whole or dense & g.anc[i] & ~(1 << i):
+                continue
+            hit = torch.unique(hit)
+            width = next((w for w in v.columns[i] if w >= hit.numel()), 0)
+            if not width:
+                continue
+            free = torch.ones(g.linears[i].out_features, dtype=torch.bool)
+            free[hit] = False
+            pad = free.nonzero().squeeze(1)[: width - hit.numel()]
+            out[i] = torch.sort(torch.cat([hit, pad])).values
+        return out
 
     @staticmethod
     def _bucket(v: _Variant, affected: torch.Tensor | None, rows: int) -> int:
@@ -677,8 +752,16 @@ class IncrementalEvaluator:
         return v.plans[key]
 
     def _run_dirty(
-        self, v: _Variant, b: int, batch: tuple[torch.Tensor, ...], dirty: int, idx: torch.Tensor | None
+        self,
+        v: _Variant,
+        b: int,
+        batch: tuple[torch.Tensor, ...],
+        dirty: int,
+        idx: torch.Tensor | None,
+        narrow: Mapping[int, torch.Tensor] | None = None,
     ) -> dict[int, Any]:
+        """Execute the dirty nodes of batch ``b`` (of its rows ``idx``); ``narrow``: Linear nodes to
+        re-run on some output features only, the rest taken from their clean values."""
         g = v.graph
         sub = idx is not None
         order = self._plan(v, dirty, sub)
@@ -699,7 +782,13 @@ class IncrementalEvaluator:
                 elif not (needed >> j) & 1:
                     value = v.cached(j, b)
                     env[j] = value[idx] if sub else value
-            env[i] = g.execute(i, env)
+            if narrow and i in narrow:
+                features = narrow[i]
+                y = v.cached(i, b).clone()
+                y[..., features] = _columns(g.linears[i], env[g.inputs[i][0]], features)
+                env[i] = y
+            else:
+                env[i] = g.execute(i, env)
         return env
 
     def _run_samples(

@@ -27,15 +27,24 @@ torch.fx.wrap("flat_pair_indices")
 
 
 class DotInteraction(nn.Module):
-    """Dot products of all pairs i < j (no self-interaction): ``[B, n, d] -> [B, n(n-1)/2]``."""
+    """Dot products of all pairs i < j (no self-interaction): ``[B, n, d] -> [B, n(n-1)/2]``.
+
+    With ``dense`` (``[B, d]``), it is vector 0 of the pairs: its ``n`` dots with ``vectors`` come
+    first, then the pairs of ``vectors``, the order of ``[dense, *vectors]``. The two blocks are
+    separate ops so that a captured graph sees that the embedding-embedding dots do not depend on
+    the dense tower (a fault there re-runs ``n`` dots per sample, not ``n(n+1)/2``).
+    """
 
     pytei_component = "interaction"
 
-    def forward(self, vectors: torch.Tensor) -> torch.Tensor:
+    def forward(self, vectors: torch.Tensor, dense: torch.Tensor | None = None) -> torch.Tensor:
         n = vectors.shape[1]
         dots = torch.bmm(vectors, vectors.transpose(1, 2))
         # The same values as dots[:, row, col], gathered through flat indices (about 9x faster on CPU).
-        return dots.flatten(1).index_select(1, flat_pair_indices(n, vectors.device))
+        pairs = dots.flatten(1).index_select(1, flat_pair_indices(n, vectors.device))
+        if dense is None:
+            return pairs
+        return torch.cat([torch.bmm(vectors, dense.unsqueeze(2)).squeeze(2), pairs], dim=1)
 
 
 @register("dlrm")
@@ -102,5 +111,5 @@ class DLRM(RecModel):
             top_in = self.interaction(torch.stack(vectors, dim=1))
         else:
             bottom = self.bottom_mlp(dense)
-            top_in = torch.cat([bottom, self.interaction(torch.stack([bottom, *vectors], dim=1))], dim=1)
+            top_in = torch.cat([bottom, self.interaction(torch.stack(vectors, dim=1), bottom)], dim=1)
         return self.top_mlp(top_in).squeeze(1)
