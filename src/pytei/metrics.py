@@ -202,13 +202,14 @@ class RankAUC:
         order = torch.argsort(vals)
         v, sign, ok, is_pos = vals[order], sign[order], ok[order], is_pos[order]
         wp, wn = sign * (ok & is_pos), sign * (ok & ~is_pos)
-        cum_wn = torch.cat([wn.new_zeros(1), torch.cumsum(wn, 0)])
+        cum_wn = torch.cat([wn.new_zeros(1), torch.cumsum(wn, 0)])  # weight of D's negatives below
+        left, right = torch.searchsorted(v, v, side="left"), torch.searchsorted(v, v, side="right")
+        wn_below = cum_wn[left] + cum_wn[right]
         # 2U_new - 2U_old = W(D, clean) + W(clean, D) + W(D, D).
         delta = (
             wp * _below(self._neg_sorted, v)
             + wn * (2 * self._pos_sorted.numel() - _below(self._pos_sorted, v))
-            + wp
-            * (cum_wn[torch.searchsorted(v, v, side="left")] + cum_wn[torch.searchsorted(v, v, side="right")])
+            + wp * wn_below
         )
         d_twice_u, d_vpos, d_vneg, d_bad = torch.stack(
             [delta.sum(), wp.sum(), wn.sum(), (sign * ~ok).sum()]
