@@ -235,6 +235,35 @@ class _Graph:
         raise RuntimeError(f"cannot execute graph node {node.format_node()}")
 
 
+class _Reads:
+    """Which sample of which batch reads which row of one embedding node, sorted by row, so that the
+    readers of a trial's faulted rows are found in O(faulted rows x log reads)."""
+
+    def __init__(self, per_batch: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        ids = torch.cat([ids for ids, _ in per_batch])
+        self.rows, order = torch.sort(ids, stable=True)
+        batch = torch.cat(
+            [torch.full((len(ids),), b, dtype=torch.int64) for b, (ids, _) in enumerate(per_batch)]
+        )
+        self.batch = batch[order]
+        self.sample = torch.cat([sample for _, sample in per_batch])[order]
+
+    def readers(self, bad: torch.Tensor) -> dict[int, torch.Tensor]:
+        """``{batch: samples}`` that read any of the rows ``bad``."""
+        lo = torch.searchsorted(self.rows, bad, right=False)
+        counts = torch.searchsorted(self.rows, bad, right=True) - lo
+        total = int(counts.sum())
+        if not total:
+            return {}
+        starts = torch.cumsum(counts, 0) - counts
+        pos = torch.repeat_interleave(lo - starts, counts) + torch.arange(total, dtype=torch.int64)
+        batch, sample = self.batch[pos], self.sample[pos]
+        out: dict[int, torch.Tensor] = {}
+        for b in torch.unique(batch).tolist():
+            out[b] = sample[batch == b]
+        return out
+
+
 @dataclass
 class _Variant:
     """The clean state of one mitigation variant on one graph."""
@@ -247,7 +276,7 @@ class _Variant:
     flat: torch.Tensor = field(default_factory=lambda: torch.empty(0))
     bounds: list[int] = field(default_factory=list)
     values: dict[int, list[Any]] = field(default_factory=dict)
-    reads: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = field(default_factory=dict)
+    reads: dict[int, _Reads] = field(default_factory=dict)
     buckets: list[int] = field(default_factory=list)
     sliceable: int = 0
     plans: dict[tuple[int, bool], list[int]] = field(default_factory=dict)
@@ -265,7 +294,7 @@ class _Variant:
             return True
         return self.base is not None and not (self.dependent >> i) & 1 and i in self.base.values
 
-    def rows_read(self, i: int) -> list[tuple[torch.Tensor, torch.Tensor]] | None:
+    def rows_read(self, i: int) -> _Reads | None:
         if i in self.reads:
             return self.reads[i]
         if self.base is not None and not (self.dependent >> i) & 1:
@@ -380,14 +409,15 @@ class IncrementalEvaluator:
         per_sample = per_sample and not self.model.training
         verified: set[int] | None = None
         sliceable = -1
+        reads: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {}
         for b, batch in enumerate(self.batches):
             env = self._run_all(g, batch, costs if b == 0 else None)
             final = self._finish(batch, env[g.output])
             v.outputs.append(final)
             for i, module in g.embeddings.items():
-                if v.rows_read(i) is None or i in v.reads:
+                if (b == 0 and v.rows_read(i) is None) or i in reads:
                     args, kwargs = g.arguments(i, env)
-                    v.reads.setdefault(i, []).append(_read_rows(module, args, kwargs))
+                    reads.setdefault(i, []).append(_read_rows(module, args, kwargs))
             if b == 0:
                 fixed = self._fixed_storages(batch)
                 written = _written(g, env)
@@ -410,6 +440,7 @@ class IncrementalEvaluator:
                 ok, mask = self._verify(g, batch, env, final, generator)
                 verified = set(ok) if verified is None else verified & set(ok)
                 sliceable &= mask
+        v.reads = {i: _Reads(per_batch) for i, per_batch in reads.items()}
         v.buckets = sorted(verified or ())
         v.sliceable = sliceable if v.buckets else 0
         v.flat = torch.cat([o.float().reshape(-1) for o in v.outputs])
@@ -662,6 +693,11 @@ class IncrementalEvaluator:
                 dense |= 1 << i
                 whole.add(i)
         narrow = self._narrow(v, columns, whole, dense)
+        readers: dict[int, dict[int, torch.Tensor]] = {}
+        for i, bad in rows.items():
+            found = v.rows_read(i)
+            assert found is not None
+            readers[i] = found.readers(torch.unique(bad))
         out = v.flat
         recomputed: list[torch.Tensor] = []
         used_samples = False
@@ -669,14 +705,10 @@ class IncrementalEvaluator:
         for b, batch in enumerate(self.batches):
             seeds = dense
             samples: list[torch.Tensor] = []
-            for i, bad in rows.items():
-                reads = v.rows_read(i)
-                assert reads is not None
-                ids, sample = reads[b]
-                hit = torch.isin(ids, bad)
-                if bool(hit.any()):
+            for i, by_batch in readers.items():
+                if b in by_batch:
                     seeds |= 1 << i
-                    samples.append(sample[hit])
+                    samples.append(by_batch[b])
             dirty = 0
             for i in _bits(seeds):
                 dirty |= g.desc[i]
