@@ -224,3 +224,18 @@ def test_adaptive_confidence_campaign_stops_each_point_by_the_rule(tmp_path, agr
     assert min(stopped) >= conf.min_runs
     again = run_campaign(spec, tmp_path / "a.db", progress=False)  # a finished adaptive campaign is done
     assert again.ran == 0 and again.skipped == len(df)
+
+
+def test_cache_budget_flag(spec_path, tmp_path, monkeypatch, capsys):
+    from pytei.cli import main
+    from pytei.incremental import BUDGET_VARIABLE
+
+    monkeypatch.setenv(BUDGET_VARIABLE, "")  # restored after the test: main() sets it for its workers
+    assert main(["campaign", "run", str(spec_path), "--db", str(tmp_path / "a.db")]) == 0
+    assert (
+        main(["campaign", "run", str(spec_path), "--db", str(tmp_path / "b.db"), "--cache-budget", "0"]) == 0
+    )
+    same(table(tmp_path / "a.db"), table(tmp_path / "b.db"))  # nothing kept: slower, the same results
+    with pytest.raises(SystemExit) as exit_:
+        main(["campaign", "run", str(spec_path), "--db", str(tmp_path / "c.db"), "--cache-budget", "lots"])
+    assert exit_.value.code == 2 and "cache budget 'lots' is not a size" in capsys.readouterr().err

@@ -369,6 +369,26 @@ def _threads_flag(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _budget(text: str) -> str:
+    """A cache budget argument, checked here and passed on as typed (workers read it again)."""
+    from .incremental import parse_budget
+
+    try:
+        parse_budget(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+    return text
+
+
+def _cache_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--cache-budget",
+        type=_budget,
+        help="memory the incremental evaluator may keep per model, e.g. 2GiB, 512MB or 10%% "
+        "(default: $PYTEI_CACHE_BUDGET, else 25%% of the memory available)",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``pytei`` argument parser (every option has help text showing its default)."""
     from .data import names as data_sets
@@ -460,6 +480,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--ray-address", help="run on Ray: 'local', 'auto' or 'ray://host:port'")
         _plugin_flag(p)
         _threads_flag(p)
+        _cache_flag(p)
     p = command(csub, "status", "done / failed / remaining trials, rate and ETA", _cmd_campaign_status)
     p.add_argument("db", help="the campaign's SQLite results database")
     p = command(csub, "export", "write all trials to CSV or Parquet", _cmd_campaign_export)
@@ -487,6 +508,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="local worker processes (one torch thread each) for the campaigns",
     )
     _threads_flag(p)
+    _cache_flag(p)
     return parser
 
 
@@ -510,6 +532,10 @@ def main(argv: list[str] | None = None) -> int:
             import torch
 
             torch.set_num_threads(args.threads)
+        if getattr(args, "cache_budget", None):
+            from .incremental import BUDGET_VARIABLE
+
+            os.environ[BUDGET_VARIABLE] = args.cache_budget  # read by every worker's evaluator
         args.func(args, console)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

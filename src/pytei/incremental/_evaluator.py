@@ -424,10 +424,8 @@ class IncrementalEvaluator:
                 for i in range(len(g.nodes)):
                     if i in env and g.nodes[i].op in _COMPUTE_OPS:
                         held = storages(env[i])
-                        if written & held.keys():
-                            g.uncacheable |= (
-                                1 << i
-                            )  # a later op writes into it: its kept value would be stale
+                        if written & held.keys():  # a later op writes into it: a kept value goes stale
+                            g.uncacheable |= 1 << i
                         sizes[i] = {p: n for p, n in held.items() if p not in fixed}
                 keep = self._select(g, v, costs, sizes, first)
                 for i in keep:
@@ -659,7 +657,8 @@ class IncrementalEvaluator:
         if v is None:
             return None
         g = v.graph
-        dense, rows = 0, {}
+        dense = 0
+        rows: dict[int, torch.Tensor] = {}
         columns: dict[int, torch.Tensor] = {}
         whole: set[int] = set()
         for name, f in faults.items():
