@@ -2,9 +2,13 @@
 
 Faults are XOR-ed into the existing storage through same-width integer views, so Parameter
 objects (and optimizers or hooks that hold them) are untouched. The original words at every
-changed index are kept; restore writes them back. A trial is atomic with respect to Ctrl-C:
-SIGINT is held while faults go in or come out, and any exception while applying undoes what was
-applied, so a model is never left half-corrupted.
+changed index are kept; restore writes them back. A trial is atomic with respect to Ctrl-C: from the
+first write until the last word is back, a SIGINT handler of pytei's own holds Ctrl-C while faults go
+in or come out (and at the entry of ``restore``), so a model is never left corrupted; any exception
+while applying undoes what was applied. Tensors that share storage (overlapping views, stride-0
+``expand``) are deduplicated by stored word, so each stored bit is drawn once and the report counts
+the bits that really changed. Live injections are registered per model: another thread's injection
+into a held model is refused, and out-of-order restores over the same storage are refused.
 """
 
 from __future__ import annotations
@@ -14,10 +18,10 @@ import secrets
 import signal
 import threading
 from abc import ABC, abstractmethod
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
+from types import CodeType, FrameType, TracebackType
 from typing import TypedDict
 
 import torch
@@ -25,11 +29,21 @@ from torch import nn
 
 from .bits import BitLayout, bit_histogram, field_masks, int_view, layout, popcount
 from .errors import ErrorModel, Faults, Words
+from .exceptions import ArgumentError, PyteiError
 from .faultmap import FaultMap
 from .sampling import generator_for
 from .targets import Site, select
 
-__all__ = ["Injector", "InjectionReport", "Protection", "SITES", "inject", "parameter_digest"]
+__all__ = [
+    "Injector",
+    "InjectionReport",
+    "InjectionConflictError",
+    "InjectionOrderError",
+    "Protection",
+    "SITES",
+    "inject",
+    "parameter_digest",
+]
 
 #: Where errors go: stored tensors (memory errors) or layer outputs (transient compute errors).
 SITES = ("weights", "activations")
@@ -47,6 +61,10 @@ class Protection(ABC):
     def filter(self, faults: list[Faults], words: list[Words], error: ErrorModel, seed: int) -> list[Faults]:
         """The faults that reach storage, one entry per tensor of ``words``."""
 
+    def draw(self, error: ErrorModel, words: list[Words], seed: int) -> list[Faults]:
+        """The data faults ``error`` draws under this protection (ECC extends bit sets to check bits)."""
+        return error.draw(words, seed)
+
     def overhead(self, lay: BitLayout) -> float:
         """Extra storage as a fraction of the protected data (0.125 for a (72,64) code)."""
         return 0.0
@@ -57,32 +75,119 @@ class Protection(ABC):
         return {}
 
 
-@contextmanager
-def _hold_sigint() -> Iterator[None]:
-    """Delay Ctrl-C until the block is done (main thread only), then raise it."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    pending: list[int] = []
-    previous = signal.signal(signal.SIGINT, lambda signum, frame: pending.append(signum))
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGINT, previous)
-    if pending:
-        raise KeyboardInterrupt
+class InjectionConflictError(PyteiError, RuntimeError):
+    """An injection into a model (or storage) that an injector applied from another thread still holds."""
+
+
+class InjectionOrderError(PyteiError, RuntimeError):
+    """``restore`` of an injector while a later one over the same storage is still applied."""
+
+
+class _Guard:
+    """pytei's SIGINT handler from the start of ``apply`` to the end of ``restore`` (main thread only).
+
+    While ``held`` (faults going in or out) a Ctrl-C is kept pending; otherwise it goes straight to the
+    previous handler, except when it lands at the entry of the owner's ``restore`` (or of ``inject``'s
+    ``__exit__``), before that code could hold it: such a Ctrl-C is kept too. ``stop`` puts the
+    previous handler back and delivers a kept Ctrl-C to it, once the model is clean.
+    """
+
+    __slots__ = ("owner", "held", "pending", "previous", "installed")
+
+    def __init__(self, owner: Injector) -> None:
+        self.owner = owner
+        self.held = True
+        self.pending = False
+        self.previous: object = signal.SIG_DFL
+        self.installed = False
+
+    @classmethod
+    def start(cls, owner: Injector) -> _Guard:
+        """A held guard, installed as the SIGINT handler when running in the main thread."""
+        guard = cls(owner)
+        if threading.current_thread() is threading.main_thread():
+            guard.previous = signal.getsignal(signal.SIGINT)
+            guard.installed = True  # before the handler goes in: from then on it holds every Ctrl-C
+            signal.signal(signal.SIGINT, guard)
+        return guard
+
+    def __call__(self, signum: int, frame: FrameType | None) -> None:
+        if self.installed and (self.held or self._at_entry(frame)):
+            self.pending = True
+            return
+        self._forward(signum, frame)
+
+    def _at_entry(self, frame: FrameType | None) -> bool:
+        """Whether the interrupted code (or what a signal handler interrupted) is the owner's
+        ``apply``/``restore`` or ``inject``'s ``__enter__``/``__exit__``."""
+        for _ in range(_ENTRY_DEPTH):
+            if frame is None:
+                return False
+            if frame.f_code in _ENTRY_CODES:
+                owner = frame.f_locals.get("self")
+                if owner is self.owner or getattr(owner, "injector", None) is self.owner:
+                    return True
+            frame = frame.f_back
+        return False
+
+    def _forward(self, signum: int, frame: FrameType | None) -> None:
+        previous = self.previous
+        if callable(previous):
+            previous(signum, frame)
+        elif previous != signal.SIG_IGN:
+            raise KeyboardInterrupt
+
+    def release(self) -> None:
+        """Stop holding; a Ctrl-C kept so far goes to the previous handler now."""
+        self.held = False
+        if self.pending:
+            self.pending = False
+            self._forward(signal.SIGINT, None)
+
+    def stop(self) -> None:
+        """Put the previous handler back (the model is clean) and deliver a kept Ctrl-C to it."""
+        if not self.installed:
+            return
+        if signal.getsignal(signal.SIGINT) is self:  # else a handler set later stays in place
+            previous = self.previous if self.previous is not None else signal.SIG_DFL
+            signal.signal(signal.SIGINT, previous)  # type: ignore[arg-type]
+        self.installed = False
+        if self.pending:
+            self.pending = False
+            signal.raise_signal(signal.SIGINT)
+
+
+#: How many frames up from the interrupted one ``_Guard`` looks for an entry it must protect (a
+#: Python signal handler that re-sends SIGINT adds one frame).
+_ENTRY_DEPTH = 4
+#: Code objects whose entry ``_Guard`` protects; filled below, once the functions exist.
+_ENTRY_CODES: set[CodeType] = set()
 
 
 class _Storage:
-    """Flat word-level reads and writes of one tensor, contiguous or not."""
+    """Flat word-level reads and writes of one tensor, contiguous or not.
 
-    def __init__(self, tensor: torch.Tensor) -> None:
+    With ``address`` (the storage element of each flat index, for tensors that share storage), reads
+    and writes go through a flat view of the whole storage, so stride-0 and overlapping views are
+    written once per stored word.
+    """
+
+    def __init__(self, tensor: torch.Tensor, address: torch.Tensor | None = None) -> None:
         self.view = int_view(tensor.detach())
         self.device = tensor.device
-        self.flat = self.view.view(-1) if self.view.is_contiguous() else None
+        self.address = None if address is None else address.to(self.device)
+        if address is not None:
+            itemsize = self.view.element_size()
+            self.flat: torch.Tensor | None = self.view.as_strided(
+                (self.view.untyped_storage().nbytes() // itemsize,), (1,), 0
+            )
+        else:
+            self.flat = self.view.view(-1) if self.view.is_contiguous() else None
 
     def _where(self, index: torch.Tensor):
         index = index.to(self.device)
+        if self.address is not None:
+            return self.address[index]
         return index if self.flat is not None else torch.unravel_index(index, self.view.shape)
 
     def read(self, index: torch.Tensor) -> torch.Tensor:
@@ -99,6 +204,134 @@ class _Storage:
             self.flat[where] = values
         else:
             self.view[where] = values
+
+
+def _storage_key(t: torch.Tensor) -> tuple[str, int]:
+    """Identity of the memory ``t`` lives in (device and storage address)."""
+    return str(t.device), t.untyped_storage().data_ptr()
+
+
+def _span(t: torch.Tensor) -> tuple[int, int]:
+    """``[lo, hi)``: the storage elements (of ``t``'s dtype) that ``t`` can touch."""
+    extent = sum((size - 1) * stride for size, stride in zip(t.shape, t.stride(), strict=True))
+    return t.storage_offset(), t.storage_offset() + extent + 1
+
+
+def _may_self_overlap(t: torch.Tensor) -> bool:
+    """False when no two elements of ``t`` can share a stored word (strides sorted, each past the last)."""
+    reach = 0
+    for stride, size in sorted((st, sz) for st, sz in zip(t.stride(), t.shape, strict=True) if sz > 1):
+        if stride <= reach:
+            return True
+        reach += stride * (size - 1)
+    return False
+
+
+def _addresses(t: torch.Tensor) -> torch.Tensor:
+    """The storage element of every flat (row-major) index of ``t``: int64 on the CPU."""
+    addr = torch.tensor(t.storage_offset(), dtype=torch.int64)
+    for size, stride in zip(t.shape, t.stride(), strict=True):
+        addr = addr.unsqueeze(-1) + torch.arange(size, dtype=torch.int64) * stride
+    return addr.reshape(-1)
+
+
+@dataclass(frozen=True)
+class _Exposure:
+    """Which flat indices of a selected tensor are its own stored words (``owned``; None: all) and the
+    storage element of each flat index (``address``; None when it shares storage with no other)."""
+
+    owned: torch.Tensor | None
+    address: torch.Tensor | None
+
+
+def _exposures(sites: list[Site]) -> list[_Exposure]:
+    """Deduplicate the selected tensors by stored word: a word seen through several tensors (or several
+    indices of one stride-0 tensor) belongs to the first flat index, in selection order, that reaches it."""
+    spans = [(_storage_key(s.tensor), *_span(s.tensor)) if s.tensor.numel() else None for s in sites]
+    aliased = [s.tensor.numel() > 0 and _may_self_overlap(s.tensor) for s in sites]
+    for i, a in enumerate(spans):
+        for j in range(i):
+            b = spans[j]
+            if a is not None and b is not None and a[0] == b[0]:
+                size_a, size_b = sites[i].tensor.element_size(), sites[j].tensor.element_size()
+                if a[1] * size_a < b[2] * size_b and b[1] * size_b < a[2] * size_a:
+                    if size_a != size_b:
+                        raise ArgumentError(
+                            f"{sites[j].name} ({sites[j].tensor.dtype}) and {sites[i].name} "
+                            f"({sites[i].tensor.dtype}) share stored bytes with different word widths; "
+                            "select only one of them (exclude=...)"
+                        )
+                    aliased[i] = aliased[j] = True
+    out: list[_Exposure] = []
+    claimed: dict[tuple[str, int], torch.Tensor] = {}
+    for site, is_aliased, span in zip(sites, aliased, spans, strict=True):
+        if not is_aliased or span is None:
+            out.append(_Exposure(None, None))
+            continue
+        n = site.tensor.numel()
+        addr = _addresses(site.tensor)
+        uniq, inverse = torch.unique(addr, return_inverse=True)
+        first = torch.full((len(uniq),), n, dtype=torch.int64)
+        first.scatter_reduce_(0, inverse, torch.arange(n, dtype=torch.int64), "amin")
+        taken = claimed.get(span[0], torch.empty(0, dtype=torch.int64))
+        fresh = ~torch.isin(uniq, taken)
+        claimed[span[0]] = torch.cat([taken, uniq[fresh]])
+        owned = first[fresh].sort().values
+        out.append(_Exposure(None if len(owned) == n else owned, addr))
+    return out
+
+
+@dataclass(eq=False)
+class _Claim:
+    """A live injection: who applied it, from which thread, and what it holds."""
+
+    injector: Injector
+    model: nn.Module
+    thread: threading.Thread
+    modules: frozenset[int]
+    storages: frozenset[tuple[str, int]]
+    writes: frozenset[tuple[str, int]]
+    """Storages it wrote faults into (the weights site): their restores must come in reverse order."""
+
+
+#: Injections applied and not yet restored, oldest first.
+_LIVE: list[_Claim] = []
+_LIVE_LOCK = threading.Lock()
+
+
+def _claim(injector: Injector, model: nn.Module, sites: list[Site]) -> _Claim:
+    """Register a live injection; refuse one into a model another thread's injection holds."""
+    here = threading.current_thread()
+    storages = frozenset(_storage_key(s.tensor) for s in sites if s.tensor.numel())
+    writes = storages if injector.site == "weights" else frozenset()
+    claim = _Claim(injector, model, here, frozenset(map(id, model.modules())), storages, writes)
+    with _LIVE_LOCK:
+        for other in _LIVE:
+            if other.thread is not here and (other.modules & claim.modules or other.storages & storages):
+                raise InjectionConflictError(
+                    f"{type(model).__name__} (id {id(model):#x}) is held by {other.injector!r}, applied in "
+                    f"thread {other.thread.name!r} and not restored; pytei corrupts a model from one thread "
+                    "at a time: give each thread its own copy (copy.deepcopy(model)) or run the trials "
+                    "one after another"
+                )
+        _LIVE.append(claim)
+    return claim
+
+
+def _unclaim(claim: _Claim, *, check_order: bool) -> None:
+    """Drop a live injection; with ``check_order``, refuse while a later one over its storage is live."""
+    with _LIVE_LOCK:
+        later = _LIVE[_LIVE.index(claim) + 1 :] if claim in _LIVE else []
+        blocking = [c for c in later if c.writes & claim.writes]
+        if check_order and blocking:
+            names = ", ".join(repr(c.injector) for c in blocking)
+            raise InjectionOrderError(
+                f"cannot restore {claim.injector!r} on {type(claim.model).__name__}: {names} was applied "
+                "after it to the same tensors and is still applied; restore the later one first (restore "
+                "in the reverse order of apply, as nested `with pytei.inject(...)` blocks do)"
+            )
+        if claim in _LIVE:
+            _LIVE.remove(claim)
 
 
 #: Tensors (the most hit first) whose fault counts ``repr(InjectionReport)`` shows.
@@ -120,12 +353,15 @@ class InjectionReport:
     protection: dict = field(default_factory=dict)
     per_activation: dict[str, int] = field(default_factory=dict)
     passes: int = 0
+    #: Stored words each tensor exposes (fewer than its numel when it shares storage); absent: numel.
+    exposed: dict[str, int] = field(default_factory=dict, repr=False)
     _activation_fields: dict[str, int] = field(default_factory=dict, repr=False)
 
     @property
     def targeted_bits(self) -> int:
-        """Number of stored bits exposed to errors (weights site)."""
-        return sum(self.fault_map.numels[n] * lay.width for n, lay in self.layouts.items())
+        """Number of distinct stored bits exposed to errors (weights site)."""
+        numels = self.fault_map.numels
+        return sum(self.exposed.get(n, numels[n]) * lay.width for n, lay in self.layouts.items())
 
     @cached_property
     def per_parameter(self) -> dict[str, int]:
@@ -176,8 +412,7 @@ class InjectionReport:
         top = sorted(hit.items(), key=lambda item: (-item[1], item[0]))[:_REPR_TENSORS]
         shown = ", ".join(f"{n!r}: {c}" for n, c in top)
         more = f", +{len(hit) - len(top)} more" if len(hit) > len(top) else ""
-        given = {k: v for k, v in self.error.items() if k != "model" and v is not None}
-        error = f"{self.error.get('model')}({', '.join(f'{k}={_short(v)}' for k, v in given.items())})"
+        error = _error_text(self.error)
         passes = f", passes={self.passes}" if self.site == "activations" else ""
         return (
             f"InjectionReport(site={self.site!r}, seed={self.seed}, error={error}, "
@@ -192,6 +427,12 @@ class InjectionReport:
         return (
             bit_histogram(f.mask, lay.width) if f is not None else torch.zeros(lay.width, dtype=torch.int64)
         )
+
+
+def _error_text(spec: dict) -> str:
+    """``BitFlip(ber=0.05)``: an error model's spec as one short call (``None`` values left out)."""
+    given = {k: v for k, v in spec.items() if k != "model" and v is not None}
+    return f"{spec.get('model')}({', '.join(f'{k}={_short(v)}' for k, v in given.items())})"
 
 
 def _short(value: object, limit: int = 40) -> str:
@@ -262,6 +503,13 @@ class Injector:
         self._applied: list[tuple[_Storage, torch.Tensor, torch.Tensor]] = []
         self._hooks: list[torch.utils.hooks.RemovableHandle] = []
         self._active = False
+        self._guard: _Guard | None = None
+        self._claim: _Claim | None = None
+        self._last_seed: int | None = None
+
+    def __repr__(self) -> str:
+        seed = self.seed if self.seed is not None else self._last_seed
+        return f"Injector({_error_text(self.error.spec)}, site={self.site!r}, seed={seed})"
 
     @property
     def active(self) -> bool:
@@ -273,36 +521,60 @@ class Injector:
         return select(model, **self.selection)
 
     def apply(self, model: nn.Module) -> InjectionReport:
-        """Corrupt ``model`` in place (or hook its layer outputs) and return the live report."""
+        """Corrupt ``model`` in place (or hook its layer outputs) and return the live report.
+
+        Atomic under Ctrl-C: it either returns with every fault in, or raises with the model clean.
+        Refused (:class:`InjectionConflictError`) while another thread's injection holds the model.
+        """
         if self._active:
             raise RuntimeError("this injector is already applied; call restore() first")
         sites = self.sites(model)
         seed = self.seed if self.seed is not None else secrets.randbits(62)
-        if self.site == "activations":
-            return self._apply_activations(model, sites, seed)
-        storages = [_Storage(s.tensor) for s in sites]
-        layouts = {s.name: layout(s.tensor.dtype) for s in sites}
-        words = [
-            Words(s.name, s.tensor.numel(), layouts[s.name], st.read_words)
-            for s, st in zip(sites, storages, strict=True)
-        ]
-        protection: dict = {}
-        try:  # a Ctrl-C held until the faults are in aborts the trial: undo, then raise it
-            with torch.no_grad(), _hold_sigint():
-                drawn = self.error.draw(words, seed)
-                if self.protect is not None:
-                    drawn = self.protect.filter(drawn, words, self.error, seed)
-                    protection = dict(self.protect.stats)
-                for st, f, lay in zip(storages, drawn, layouts.values(), strict=True):
-                    if len(f):
-                        index = f.index.to(st.device)
-                        old = st.read(index)
-                        st.write(index, old ^ f.mask.to(device=st.device, dtype=lay.view_dtype))
-                        self._applied.append((st, index, old))
+        self._last_seed = seed
+        guard = _Guard.start(self)
+        try:
+            self._claim = _claim(self, model, sites)
+            if self.site == "activations":
+                report = self._apply_activations(model, sites, seed)
+            else:
+                report = self._apply_weights(sites, seed)
+            self._active = True
+            self._guard = guard
+            guard.release()  # a Ctrl-C held while applying reaches its handler now: the trial is aborted
         except BaseException:
-            self._undo()
+            guard.held = True
+            self._guard = None
+            self._take_out()
+            guard.stop()
             raise
-        self._active = True
+        return report
+
+    def _apply_weights(self, sites: list[Site], seed: int) -> InjectionReport:
+        exposures = _exposures(sites)
+        storages = [_Storage(s.tensor, e.address) for s, e in zip(sites, exposures, strict=True)]
+        layouts = {s.name: layout(s.tensor.dtype) for s in sites}
+        replay = isinstance(self.error, FaultMap)  # a map names real indices: no renumbering
+        words = []
+        for s, st, e in zip(sites, storages, exposures, strict=True):
+            if e.owned is None or replay:
+                words.append(Words(s.name, s.tensor.numel(), layouts[s.name], st.read_words))
+            else:
+                words.append(Words(s.name, len(e.owned), layouts[s.name], _owned_reader(st, e.owned)))
+        protection: dict = {}
+        with torch.no_grad():
+            protect = self.protect
+            drawn = self.error.draw(words, seed) if protect is None else protect.draw(self.error, words, seed)
+            if self.protect is not None:
+                drawn = self.protect.filter(drawn, words, self.error, seed)
+                protection = dict(self.protect.stats)
+            if not replay:  # back from each tensor's own words to its flat indices
+                drawn = [
+                    f if e.owned is None or not len(f) else Faults(e.owned[f.index], f.mask)
+                    for f, e in zip(drawn, exposures, strict=True)
+                ]
+            else:
+                _check_one_fault_per_word(sites, exposures, drawn)
+            self._write_faults(storages, drawn, list(layouts.values()))
         kept = {s.name: f for s, f in zip(sites, drawn, strict=True) if len(f)}
         fault_map = FaultMap(
             kept,
@@ -310,16 +582,27 @@ class Injector:
             {s.name: s.tensor.numel() for s in sites},
             {"seed": seed, "error": self.error.spec},
         )
+        exposed = {s.name: len(e.owned) for s, e in zip(sites, exposures, strict=True) if e.owned is not None}
         return InjectionReport(
             seed=seed,
             site=self.site,
             error=self.error.spec,
             fault_map=fault_map,
             components={s.name: s.component for s in sites},
-            targeted_values=sum(s.tensor.numel() for s in sites),
+            targeted_values=sum(exposed.get(s.name, s.tensor.numel()) for s in sites),
             layouts=layouts,
             protection=protection,
+            exposed=exposed,
         )
+
+    def _write_faults(self, storages: list[_Storage], drawn: list[Faults], layouts: list[BitLayout]) -> None:
+        """XOR every drawn mask into its word, keeping the old words for restore."""
+        for st, f, lay in zip(storages, drawn, layouts, strict=True):
+            if len(f):
+                index = f.index.to(st.device)
+                old = st.read(index)
+                self._applied.append((st, index, old))  # first, so a failed write is undone too
+                st.write(index, old ^ f.mask.to(device=st.device, dtype=lay.view_dtype))
 
     def _apply_activations(self, model: nn.Module, sites: list[Site], seed: int) -> InjectionReport:
         owners: dict[str, str] = {}
@@ -339,45 +622,92 @@ class Injector:
         for name in owners:
             hook = _activation_hook(self.error, name, generator_for(seed, name, "activations"), report)
             self._hooks.append(modules[name].register_forward_hook(hook, prepend=True))
-        self._active = True
         return report
 
-    def _undo(self) -> None:
+    def _take_out(self) -> None:
+        """Write every old word back and remove the hooks (idempotent); then drop the registration."""
         with torch.no_grad():
             while self._applied:
-                st, index, old = self._applied.pop()
+                st, index, old = self._applied[-1]
                 st.write(index, old)
+                self._applied.pop()
+        while self._hooks:
+            self._hooks[-1].remove()
+            self._hooks.pop()
+        self._active = False
+        if self._claim is not None:
+            _unclaim(self._claim, check_order=False)
+            self._claim = None
 
     def restore(self) -> None:
-        """Write back every changed word (or remove the activation hooks): the model is as before."""
-        with _hold_sigint():
-            self._undo()
-            while self._hooks:
-                self._hooks.pop().remove()
-            self._active = False
+        """Write back every changed word (or remove the activation hooks): the model is as before.
+
+        Idempotent. Atomic under Ctrl-C, also at its first instruction: the handler installed by
+        ``apply`` holds a Ctrl-C until the model is clean. Refused (:class:`InjectionOrderError`,
+        nothing changed) while a later injector over the same tensors is still applied.
+        """
+        guard = self._guard
+        if guard is not None:
+            guard.held = True
+        try:
+            if self._claim is not None:
+                _unclaim(self._claim, check_order=True)
+                self._claim = None
+        except BaseException:
+            if guard is not None:
+                guard.release()
+            raise
+        try:
+            self._take_out()
+        finally:
+            if guard is not None and not self._applied and not self._hooks:
+                self._guard = None
+                guard.stop()
+
+
+def _owned_reader(st: _Storage, owned: torch.Tensor):
+    """``read(i)`` over a tensor's own stored words: word ``i`` is flat index ``owned[i]``."""
+    return lambda index: st.read_words(owned[index])
+
+
+def _check_one_fault_per_word(sites: list[Site], exposures: list[_Exposure], drawn: list[Faults]) -> None:
+    """Refuse a replayed map that reaches one stored word twice through aliased tensors."""
+    seen: dict[tuple[str, int], dict[int, str]] = {}
+    for s, e, f in zip(sites, exposures, drawn, strict=True):
+        if e.address is None or not len(f):
+            continue
+        words = seen.setdefault(_storage_key(s.tensor), {})
+        for flat, addr in zip(f.index.tolist(), e.address[f.index].tolist(), strict=True):
+            if addr in words:
+                raise ArgumentError(
+                    f"the fault map changes one stored word twice, through {words[addr]} and "
+                    f"{s.name}[{flat}] (they share storage); a replayable map names each stored word once"
+                )
+            words[addr] = f"{s.name}[{flat}]"
 
 
 def _activation_hook(error: ErrorModel, name: str, generator: torch.Generator, report: InjectionReport):
-    """Forward hook that XORs fresh faults into a module's output on every pass."""
+    """Forward hook that XORs fresh faults into a copy of a module's output on every pass (the output
+    itself may share storage with a parameter, e.g. ``return self.pe[:, :n]``, and is never written)."""
 
     def hook(module: nn.Module, inputs, output):
         first = output[0] if isinstance(output, tuple) else output
         if not isinstance(first, torch.Tensor):
             return output
         with torch.no_grad():
-            target = first.detach().clone() if first.requires_grad else first
-            st = _Storage(target)
-            lay = layout(target.dtype)
-            words = Words(f"{name}:output", target.numel(), lay, st.read_words)
+            source = first.detach()  # only read: the output may be a view of a parameter or an input
+            lay = layout(source.dtype)
+            words = Words(f"{name}:output", source.numel(), lay, _Storage(source).read_words)
             f = error.draw_one(words, generator)
-            if len(f):
-                index = f.index.to(st.device)
-                st.write(index, st.read(index) ^ f.mask.to(device=st.device, dtype=lay.view_dtype))
-                _add_fields(report._activation_fields, f.mask, lay)
-                report.per_activation[name] += popcount(f.mask, lay.width)
-        report.passes += 1
-        if target is first:
-            return output
+            report.passes += 1
+            if not len(f):
+                return output
+            target = source.clone()  # faults go into a copy, never into storage the output shares
+            st = _Storage(target)
+            index = f.index.to(st.device)
+            st.write(index, st.read(index) ^ f.mask.to(device=st.device, dtype=lay.view_dtype))
+            _add_fields(report._activation_fields, f.mask, lay)
+            report.per_activation[name] += popcount(f.mask, lay.width)
         return (target, *output[1:]) if isinstance(output, tuple) else target
 
     return hook
@@ -393,7 +723,6 @@ def parameter_digest(model: nn.Module) -> str:
     return h.hexdigest()
 
 
-@contextmanager
 def inject(
     model: nn.Module,
     error: ErrorModel,
@@ -406,7 +735,7 @@ def inject(
     seed: int | None = None,
     site: str = "weights",
     protect: Protection | None = None,
-) -> Iterator[InjectionReport]:
+) -> _Injection:
     """Run the block with ``error`` injected into ``model``; restore on exit, whatever happens.
 
     The keywords are :class:`Injector`'s: ``target`` (components, see ``pytei.targets.COMPONENTS``,
@@ -430,8 +759,34 @@ def inject(
         site=site,
         protect=protect,
     )
-    report = injector.apply(model)
-    try:
-        yield report
-    finally:
-        injector.restore()
+    return _Injection(injector, model)
+
+
+class _Injection:
+    """The context manager :func:`inject` returns: ``apply`` on entry, ``restore`` on exit.
+
+    A class rather than a generator so that no Python code of pytei runs between the faults going in
+    and the block starting, nor between the block ending and the restore holding Ctrl-C.
+    """
+
+    def __init__(self, injector: Injector, model: nn.Module) -> None:
+        self.injector = injector
+        self.model = model
+
+    def __enter__(self) -> InjectionReport:
+        return self.injector.apply(self.model)
+
+    def __exit__(
+        self, kind: type[BaseException] | None, value: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.injector.restore()
+
+
+_ENTRY_CODES.update(
+    {
+        Injector.apply.__code__,
+        Injector.restore.__code__,
+        _Injection.__enter__.__code__,
+        _Injection.__exit__.__code__,
+    }
+)
