@@ -12,6 +12,7 @@ override :meth:`ErrorModel.draw` instead when faults must be drawn jointly acros
 from __future__ import annotations
 
 import inspect
+import math
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -90,8 +91,9 @@ def _bit_table(bits: Sequence[int] | None, lay: BitLayout, who: str) -> torch.Te
         return values
     bad = [b for b in bits if not 0 <= b < lay.width]
     if bad:
+        hint = "; 64..71 name ECC check bits, which exist under protect=ECC()" if all(64 <= b < 72 for b in bad) else ""
         raise ArgumentError(
-            f"{who}: bit positions {bad} do not exist in {lay.dtype} (allowed 0..{lay.width - 1})"
+            f"{who}: bit positions {bad} do not exist in {lay.dtype} (allowed 0..{lay.width - 1}){hint}"
         )
     return values[torch.tensor(list(bits), dtype=torch.int64)]
 
@@ -203,7 +205,11 @@ class StuckAt(ErrorModel):
 class RandomValue(ErrorModel):
     """Each targeted element is replaced, with probability ``rate``, by a uniform random value.
 
-    Floats are drawn from [low, high); integer dtypes from the integers in [low, high].
+    Floats are drawn uniformly from the reals in [low, high) and rounded to the dtype; a value
+    that rounds outside [low, high) is drawn again, so every stored value lies in [low, high)
+    (bfloat16 would otherwise round values near ``high`` up to it). ``low`` and ``high`` must be
+    finite and within the dtype's finite range. Integer dtypes draw from the integers in
+    [low, high] (``low`` and ``high`` truncated to ints).
     """
 
     rate: float
@@ -212,6 +218,14 @@ class RandomValue(ErrorModel):
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "rate", check_rate("RandomValue rate", self.rate))
+        for name in ("low", "high"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int | float):
+                raise ArgumentError(f"RandomValue {name} must be a number, got {value!r}")
+        if not (math.isfinite(self.low) and math.isfinite(self.high)):
+            raise ArgumentError(
+                f"RandomValue low and high must be finite, got low={self.low!r}, high={self.high!r}"
+            )
         if not float(self.low) < float(self.high):
             raise ArgumentError(f"RandomValue needs low < high, got low={self.low!r}, high={self.high!r}")
 
@@ -221,8 +235,7 @@ class RandomValue(ErrorModel):
             return Faults.none()
         lay = w.layout
         if lay.is_float:
-            u = torch.rand(index.numel(), dtype=torch.float64, generator=generator)
-            new = (self.low + (self.high - self.low) * u).to(lay.dtype)
+            new = _uniform_floats(index.numel(), float(self.low), float(self.high), lay.dtype, generator)
         else:
             lo, hi = int(self.low), int(self.high)
             info = torch.iinfo(lay.dtype)
@@ -234,6 +247,31 @@ class RandomValue(ErrorModel):
             new = new.to(lay.dtype)
         new_words = new.view(lay.view_dtype).to(torch.int64)
         return Faults(index, w.read(index) ^ new_words).nonzero()
+
+
+def _uniform_floats(n: int, low: float, high: float, dtype: torch.dtype, g: torch.Generator) -> torch.Tensor:
+    """``n`` values of ``dtype`` in [low, high): uniform reals rounded to ``dtype``, redrawn where the
+    rounding leaves the range (at most about half of the draws, so the loop ends fast)."""
+    info = torch.finfo(dtype)
+    if low < info.min or high > info.max:
+        raise ArgumentError(
+            f"RandomValue range [{low!r}, {high!r}) exceeds {dtype}'s finite range [{info.min}, {info.max}]"
+        )
+    first = torch.tensor(low, dtype=torch.float64).to(dtype)  # smallest dtype value >= low
+    if float(first) < low:
+        first = torch.nextafter(first, torch.tensor(math.inf, dtype=dtype))
+    if float(first) >= high:
+        raise ArgumentError(f"RandomValue range [{low!r}, {high!r}) holds no {dtype} value")
+    out = torch.empty(n, dtype=dtype)
+    todo = torch.arange(n)
+    while todo.numel():
+        u = torch.rand(todo.numel(), dtype=torch.float64, generator=g)
+        value = ((1.0 - u) * low + u * high).to(dtype)  # no high - low: it overflows for +-max
+        back = value.to(torch.float64)
+        ok = (back >= low) & (back < high)
+        out[todo[ok]] = value[ok]
+        todo = todo[~ok]
+    return out
 
 
 @dataclass(frozen=True)
