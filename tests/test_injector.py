@@ -331,3 +331,178 @@ def test_inject_has_the_injector_keywords_and_refuses_others(tiny):
         pass
     with pytest.raises(TypeError, match="positional"), pytei.inject(tiny, BitFlip(1e-3), "mlp"):  # type: ignore[misc]
         pass
+
+
+# --- issue 15: restore order, activation views, aliased storage, fault-map validation ---------------
+
+
+def test_restore_out_of_order_is_refused_clearly_and_lifo_is_exact(tiny):
+    from pytei.exceptions import PyteiError
+
+    snap = snapshot(tiny)
+    a, b = Injector(BitFlip(0.05), seed=1), Injector(BitFlip(0.05), seed=2)
+    a.apply(tiny)
+    b.apply(tiny)
+    with pytest.raises(PyteiError, match=r"TinyRec.*restore the later one first") as err:
+        a.restore()
+    assert "BitFlip(ber=0.05)" in str(err.value) and "seed=2" in str(err.value)
+    assert a.active  # refused: nothing was written
+    b.restore()
+    a.restore()
+    assert_bit_identical(tiny, snap)
+
+
+def test_weights_and_activation_injectors_restore_in_any_order(tiny):
+    snap = snapshot(tiny)
+    w, act = Injector(BitFlip(0.05), seed=1), Injector(BitFlip(0.05), site="activations", seed=2)
+    w.apply(tiny)
+    act.apply(tiny)
+    w.restore()
+    act.restore()
+    assert_bit_identical(tiny, snap) and _hooks(tiny) == 0
+
+
+class PositionalTable(nn.Module):
+    """Returns a view of its own parameter (a frozen positional table)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.pe = nn.Parameter(torch.randn(1, 16, 8), requires_grad=False)
+
+    def forward(self, n: int) -> torch.Tensor:
+        return self.pe[:, :n]
+
+
+def test_activation_faults_never_write_into_a_parameter_the_output_views():
+    m = PositionalTable().eval()
+    snap = snapshot(m)
+    with torch.no_grad(), pytei.inject(m, BitFlip(0.05), site="activations", seed=0) as report:
+        out = m(10)
+        assert report.n_faults > 0 and not torch.equal(out, m.pe[:, :10])
+        assert_bit_identical(m, snap)
+    assert_bit_identical(m, snap)
+
+
+def _raw(t):
+    """The raw bytes of ``t``'s whole storage (what really is in memory)."""
+    return torch.tensor(bytearray(t.untyped_storage()), dtype=torch.uint8)
+
+
+def _bits_changed(before, after):
+    return int(((before ^ after).unsqueeze(1) >> torch.arange(8, dtype=torch.uint8) & 1).sum())
+
+
+def _aliased_models():
+    base = torch.randn(40, 8)
+    overlap = nn.Module()
+    overlap.a = nn.Parameter(base[:30])
+    overlap.b = nn.Parameter(base[10:])  # rows 10..29 are shared with a
+    expanded = nn.Module()
+    expanded.w = nn.Parameter(torch.randn(1, 8).expand(64, 8))  # stride 0: 8 stored words, 512 elements
+    mixed = nn.Module()
+    store = torch.randn(16, 16)
+    mixed.t = nn.Parameter(store.t())
+    mixed.row = nn.Parameter(store[3:5])  # overlaps the transposed view
+    return {"overlap": (overlap, base), "expanded": (expanded, expanded.w), "mixed": (mixed, store)}
+
+
+@pytest.mark.parametrize("case", ["overlap", "expanded", "mixed"])
+@pytest.mark.parametrize("error", [BitFlip(0.05), FlipCount(40), StuckAt(0.2, 1)])
+def test_aliased_storage_counts_the_bits_really_changed_and_restores_exactly(case, error):
+    model, store = _aliased_models()[case]
+    before = _raw(store)
+    with pytei.inject(model, error, seed=3) as report:
+        during = _raw(store)
+    assert torch.equal(_raw(store), before)  # bit-exact restore
+    changed = _bits_changed(before, during)
+    assert changed > 0 and report.n_faults == changed == sum(report.per_field.values())
+    if isinstance(error, FlipCount):
+        assert changed == 40  # k flips over the distinct stored bits
+    assert report.targeted_values == before.numel() // 4 or case == "mixed"
+
+
+def test_aliased_fault_map_replays_exactly(tmp_path):
+    model, store = _aliased_models()["overlap"]
+    before = _raw(store)
+    with pytei.inject(model, BitFlip(0.05), seed=4) as report:
+        during = _raw(store)
+    report.fault_map.save(tmp_path / "m.safetensors")
+    with pytei.inject(model, FaultMap.load(tmp_path / "m.safetensors")) as replay:
+        assert torch.equal(_raw(store), during)
+    assert replay.n_faults == report.n_faults and torch.equal(_raw(store), before)
+
+
+def test_tied_weight_gets_each_bit_drawn_once():
+    m = nn.Module()
+    m.enc, m.dec = nn.Linear(8, 8, bias=False), nn.Linear(8, 8, bias=False)
+    m.dec.weight = m.enc.weight  # one Parameter under two names
+    before = _raw(m.enc.weight)
+    with pytei.inject(m, BitFlip(0.1), seed=5) as report:
+        during = _raw(m.enc.weight)
+    assert list(report.per_parameter) == ["enc.weight"]
+    assert report.n_faults == _bits_changed(before, during) and torch.equal(_raw(m.enc.weight), before)
+
+
+def _map_file(tmp_path, tensors, header=None, name="m.safetensors"):
+    import json
+
+    from safetensors.torch import save_file
+
+    header = header if header is not None else {
+        "format": "pytei.faultmap/1",
+        "dtypes": {"w": "float32"},
+        "numels": {"w": 10},
+        "meta": {},
+    }
+    path = tmp_path / name
+    save_file(tensors, str(path), metadata={"pytei": json.dumps(header)})
+    return path
+
+
+def _i64(*values):
+    return torch.tensor(values, dtype=torch.int64)
+
+
+@pytest.mark.parametrize(
+    ("tensors", "header", "message"),
+    [
+        ({"w/index": _i64(-1), "w/mask": _i64(1)}, None, r"w/index.*-1.*\[0, 10\)"),
+        ({"w/index": _i64(3, 10), "w/mask": _i64(1, 1)}, None, r"w/index.*10.*\[0, 10\)"),
+        ({"w/index": _i64(1, 2, 3), "w/mask": _i64(1)}, None, r"w/mask has 1 entries.*w/index has 3"),
+        ({"w/index": _i64(2, 2), "w/mask": _i64(1, 2)}, None, r"w/index.*duplicate.*2"),
+        ({"w/index": _i64(3, 1), "w/mask": _i64(1, 2)}, None, r"w/index.*ascending"),
+        ({"w/index": _i64(1), "w/mask": _i64(1 << 40)}, None, r"w/mask.*1099511627776.*32-bit"),
+        ({"w/index": _i64(1), "w/mask": _i64(0)}, None, r"w/mask.*0"),
+        ({"w/index": _i64(1)}, None, r"w/mask is missing"),
+        ({"w/index": _i64(1), "w/mask": _i64(1), "v/index": _i64(0), "v/mask": _i64(1)}, None, r"'v'"),
+        ({"w/index": torch.tensor([1], dtype=torch.int32), "w/mask": _i64(1)}, None, r"w/index.*int32"),
+        ({}, {"format": "pytei.faultmap/1", "dtypes": {"w": "float32"}}, r"header.*'numels'"),
+        ({}, {"format": "pytei.faultmap/1", "dtypes": {"w": "float7"}, "numels": {"w": 3}}, r"'float7'"),
+        ({}, {"format": "pytei.faultmap/1", "dtypes": {"w": "float32"}, "numels": {"w": -2}}, r"numels.*-2"),
+        ({}, {"format": "pytei.faultmap/1", "dtypes": {}, "numels": {"w": 3}}, r"dtypes.*'w'"),
+        ({}, ["not", "an", "object"], r"header"),
+        ({}, {"format": "pytei.faultmap/1", "dtypes": {"w": "float32"}, "numels": {"w": 3}, "meta": 5},
+         r"meta"),
+    ],
+)
+def test_fault_map_load_validates_everything_naming_the_file(tmp_path, tensors, header, message):
+    from pytei.faultmap import FaultMapError
+
+    path = _map_file(tmp_path, tensors, header)
+    with pytest.raises(FaultMapError, match=message) as err:
+        FaultMap.load(path)
+    assert str(path) in str(err.value) and isinstance(err.value, ValueError)
+
+
+def test_fault_map_load_refuses_a_header_that_is_not_json(tmp_path):
+    from safetensors.torch import save_file
+
+    from pytei.faultmap import FaultMapError
+
+    path = tmp_path / "h.safetensors"
+    save_file({"w/index": _i64(1)}, str(path), metadata={"pytei": "{oops"})
+    with pytest.raises(FaultMapError, match=f"{path}.*not a pytei fault map"):
+        FaultMap.load(path)
+    save_file({"w/index": _i64(1)}, str(path), metadata={"other": "x"})
+    with pytest.raises(FaultMapError, match=f"{path}.*no 'pytei' header"):
+        FaultMap.load(path)
