@@ -217,6 +217,8 @@ def test_single_flips_are_corrected_end_to_end():
         "miscorrected": 0,
         "undetected": 0,
         "bits_reaching_memory": 0,
+        "data_bits_hit": 28,
+        "check_bits_hit": 2,
     }
     assert_bit_identical(model, snap)
     with pytei.inject(model, FlipCount(1), seed=3, protect=ECC()) as report:

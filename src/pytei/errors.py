@@ -91,7 +91,8 @@ def _bit_table(bits: Sequence[int] | None, lay: BitLayout, who: str) -> torch.Te
         return values
     bad = [b for b in bits if not 0 <= b < lay.width]
     if bad:
-        hint = "; 64..71 name ECC check bits, which exist under protect=ECC()" if all(64 <= b < 72 for b in bad) else ""
+        check = all(64 <= b < 72 for b in bad)
+        hint = "; 64..71 name ECC check bits, which exist under protect=ECC()" if check else ""
         raise ArgumentError(
             f"{who}: bit positions {bad} do not exist in {lay.dtype} (allowed 0..{lay.width - 1}){hint}"
         )
