@@ -13,11 +13,13 @@ from torch import nn
 
 import pytei
 from conftest import assert_bit_identical, snapshot
+from pytei import errors
 from pytei.bits import bit_histogram, int_view, popcount
-from pytei.errors import BitFlip, BitRates, Burst, FlipCount, RandomValue, StuckAt
+from pytei.errors import BitFlip, BitRates, Burst, ErrorModel, FlipCount, RandomValue, StuckAt
 from pytei.exceptions import ArgumentError
 from pytei.faultmap import FaultMap
 from pytei.mitigation.ecc import ECC, encode, read_data_words
+from pytei.mitigation.protect import ProtectBits
 
 
 def linear(dtype: torch.dtype = torch.float32, n: int = 64, seed: int = 0) -> nn.Module:
@@ -188,3 +190,134 @@ def test_random_value_ranges_beyond_the_dtype_are_refused(low, high, dtype, mess
     t = torch.zeros(100, dtype=dtype)
     with pytest.raises(ArgumentError, match=message):
         RandomValue(0.5, low, high).draw_one(_words("t", int_view(t), dtype), torch.Generator())
+
+
+# --- the matrix: every error model x every protection x word sizes ---------------------------------
+
+#: One instance per error model registered by pytei itself (a new registration must add one here).
+REGISTERED = {
+    "BitFlip": BitFlip(1e-3),
+    "StuckAt": StuckAt(2e-3, 1),
+    "RandomValue": RandomValue(0.02, -2.0, 2.0),
+    "Burst": Burst(0.02, length=3),
+    "FlipCount": FlipCount(25),
+}
+#: Unregistered models and variants that must compose as well (bit sets valid for every dtype).
+EXTRA = {
+    "BitRates": BitRates({0: 5e-3, 7: 5e-3}),
+    "StuckAt-bits": StuckAt(0.05, 0, bits=[3]),
+    "FaultMap": None,  # recorded from BitFlip under the same protection, then replayed
+}
+PROTECTIONS = {
+    "none": lambda: None,
+    "protect-bits": ProtectBits,
+    "ecc-zero": lambda: ECC("zero"),
+    "ecc-flag": lambda: ECC("flag"),
+}
+DTYPES = [torch.float32, torch.bfloat16, torch.float64, torch.int8]
+
+
+def test_every_builtin_registered_error_model_is_in_the_matrix():
+    builtin = {n for n in errors.register.names() if errors.register.get(n).__module__ == "pytei.errors"}
+    assert builtin == set(REGISTERED)
+    for name, error in REGISTERED.items():
+        assert isinstance(error, errors.register.get(name))
+
+
+def matrix_model(dtype: torch.dtype) -> nn.Module:
+    """64 x 65 values: a whole number of 64-bit words for every dtype (no padding)."""
+    m = nn.Module()
+    g = torch.Generator().manual_seed(7)
+    if dtype.is_floating_point:
+        m.w = nn.Parameter(torch.randn(64, 65, generator=g).to(dtype))
+    else:
+        m.w = nn.Parameter(torch.randint(-128, 128, (64, 65), generator=g, dtype=dtype), requires_grad=False)
+    return m
+
+
+def _popcount(f, width: int) -> int:
+    return popcount(f.mask, width) if f is not None and len(f) else 0
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).removeprefix("torch."))
+@pytest.mark.parametrize("protection", list(PROTECTIONS))
+@pytest.mark.parametrize("name", [*REGISTERED, *EXTRA])
+def test_error_model_x_protection(name, protection, dtype):
+    model = matrix_model(dtype)
+    snap = snapshot(model)
+    width = torch.finfo(dtype).bits if dtype.is_floating_point else torch.iinfo(dtype).bits
+    numel, n_words = 64 * 65, 64 * 65 * width // 64
+    protect = PROTECTIONS[protection]()
+    error: ErrorModel | None = REGISTERED.get(name) or EXTRA.get(name)
+    if name == "FaultMap":  # record a trial under this protection, then replay it
+        with pytei.inject(model, BitFlip(1e-3), seed=11, protect=protect) as recorded:
+            pass
+        error = protect.fault_map if isinstance(protect, ECC) else recorded.fault_map
+        if protect is not None:
+            protect = PROTECTIONS[protection]()
+    assert error is not None
+    with pytei.inject(model, error, seed=11, protect=protect) as report:
+        assert stored_bits_changed(model, snap) == report.n_faults  # counted = changed
+    assert_bit_identical(model, snap)  # restore is bit-exact
+    s = report.protection
+    if isinstance(protect, ECC):
+        record = protect.fault_map
+        assert s["bits_reaching_memory"] == report.n_faults
+        assert s["data_bits_hit"] == _popcount(record.faults.get("w"), width)
+        assert s["check_bits_hit"] == _popcount(record.faults.get("w#ecc"), 8)
+        outcomes = ("corrected", "detected", "miscorrected", "undetected")
+        assert sum(s[o] for o in outcomes) == s["words_with_errors"]
+        drawn_data, drawn_check = s["data_bits_hit"], s["check_bits_hit"]
+    elif isinstance(protect, ProtectBits):
+        assert s["passed_bits"] == report.n_faults
+        drawn_data, drawn_check = s["passed_bits"] + s["blocked_bits"], 0
+    else:
+        drawn_data, drawn_check = report.n_faults, 0
+    ecc = isinstance(protect, ECC)
+    if name == "FlipCount":  # exactly k over the (code)words
+        assert drawn_data + drawn_check == 25
+    elif name == "BitFlip":
+        assert binomial_ok(drawn_data, numel * width, 1e-3)
+        assert binomial_ok(drawn_check, n_words * 8, 1e-3) if ecc else drawn_check == 0
+    elif name == "BitRates":
+        assert binomial_ok(drawn_data, 2 * numel, 5e-3) and drawn_check == 0
+    elif name == "Burst" and ecc:  # one burst of 3 bits per hit codeword
+        assert binomial_ok(s["words_with_errors"], n_words, 0.02)
+        assert drawn_data + drawn_check == 3 * s["words_with_errors"]
+    elif name == "Burst":
+        hit = len(report.fault_map.faults.get("w", ())) if protect is None else None
+        assert hit is None or (binomial_ok(hit, numel, 0.02) and drawn_data == 3 * hit)
+    elif name == "RandomValue" and ecc:  # a random byte differs from the clean one with p 255/256
+        checks = len(protect.fault_map.faults.get("w#ecc", ()))
+        assert binomial_ok(checks, n_words, 0.02 * 255 / 256)
+    elif name == "RandomValue" and protect is None and dtype.is_floating_point:
+        assert binomial_ok(report.n_values, numel, 0.02, alpha=1e-9) or report.n_values <= numel * 0.02 * 2
+    elif name == "FaultMap" and protect is None:
+        assert report.n_faults == recorded.n_faults
+    elif name == "FaultMap" and ecc:
+        assert s == recorded.protection  # same faults on replay, same outcome
+    elif name == "FaultMap":  # the map holds what got through: all of it gets through again
+        assert s == {"blocked_bits": 0, "passed_bits": recorded.protection["passed_bits"]}
+
+
+def test_flipcount_under_ecc_reaches_every_codeword_bit():
+    m = nn.Module()
+    m.w = nn.Parameter(torch.randn(1, dtype=torch.float64))  # one codeword: 64 data + 8 check bits
+    ecc = ECC("flag")
+    with pytei.inject(m, FlipCount(70), seed=0, protect=ecc) as report:
+        pass
+    assert report.protection["data_bits_hit"] + report.protection["check_bits_hit"] == 70
+    assert report.protection["check_bits_hit"] >= 6  # at most 64 of the 70 fit in the data bits
+    with pytest.raises(ArgumentError, match=r"FlipCount k=73 exceeds the 72 targeted bits under ECC"):
+        pytei.inject(m, FlipCount(73), seed=0, protect=ECC()).__enter__()
+    with pytest.raises(ArgumentError, match=r"k=65 exceeds the 64 targeted bits"):
+        pytei.inject(m, FlipCount(65), seed=0).__enter__()  # no ECC: no check bits
+    with pytei.inject(m, FlipCount(3, bits=[64, 65, 66]), seed=0, protect=ecc) as report:
+        # check bits 0, 1, 2: syndrome 0b111, the column of data bit 0 -> miscorrected into the data
+        assert report.protection["check_bits_hit"] == 3 and report.protection["miscorrected"] == 1
+        assert report.n_faults == 1 and report.per_bit("w").tolist()[0] == 1
+
+
+def test_protect_bits_has_no_check_bits():
+    with pytest.raises(ArgumentError, match=r"bit positions \[66\] do not exist in torch.float32"):
+        pytei.inject(linear(), BitFlip(0.1, bits=[66]), seed=0, protect=ProtectBits()).__enter__()
