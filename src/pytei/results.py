@@ -41,7 +41,7 @@ def load(db: str | Path) -> pd.DataFrame:
     Raises FileNotFoundError for a missing file and StoreError (a ValueError) for a file that is
     not a pytei results database.
     """
-    with Store(db, create=False) as store:
+    with Store(db, create=False, readonly=True) as store:
         rows = store.rows()
     # every table has the built-in metrics' columns (NaN where not computed), then any other stored
     names = sorted({k for r in rows for k in r["metrics"]} - set(V1_METRICS))

@@ -5,14 +5,26 @@ content and seed): in-process (default), a local process pool (``workers=N``), a
 (``ray_address=...``). Each worker keeps one model loaded and runs that model's trials together.
 A campaign interrupted by Ctrl-C, ``kill -9`` or a crash resumes from its database: trials are
 committed one by one as they finish, so none is lost and none is recorded twice.
+
+The plan is counted first (from the grid's sizes), reported, and refused above ``max_trials``
+unless confirmed; trials are then made, claimed (see :mod:`pytei.campaign.store`: several runners
+on one database share the work) and run as a stream, so a grid of any size takes constant memory.
+Pool workers ignore SIGINT (the parent stops them) and die with their parent, ``kill -9`` included.
 """
 
 from __future__ import annotations
 
+import ctypes
+import itertools
 import multiprocessing
+import os
+import signal
+import sys
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from contextlib import suppress
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -20,14 +32,19 @@ from typing import Any, Protocol
 from .. import metrics, stats
 from .. import plugins as plugin_loader
 from .._registry import Registry
+from ..exceptions import PyteiError
 from ..progress import progress_bar
-from .plan import Trial, plan
+from .fingerprint import fingerprints
+from .plan import Trial, count_trials, iter_plan
 from .runner import ModelRunner, failed_row, load_evaluation, parameter_names
 from .spec import Spec, parse_spec
-from .store import Store, StoreError, TrialRow
+from .store import DuplicateTrial, Store, StoreError, TrialRow
 
 __all__ = [
+    "MAX_TRIALS",
+    "AllTrialsFailed",
     "CampaignResult",
+    "TooManyTrials",
     "Executor",
     "InProcess",
     "ProcessPool",
@@ -39,12 +56,24 @@ __all__ = [
 ]
 
 _CHUNK = 16
+#: A plan larger than this is refused unless confirmed (``confirm=True``, ``--yes``).
+MAX_TRIALS = 1_000_000
+#: Trials claimed from the store at a time (one transaction each; small, so runners share the work).
+_CLAIM = _CHUNK
+
+
+class TooManyTrials(PyteiError, ValueError):
+    """A plan over the trial limit that was not confirmed."""
+
+
+class AllTrialsFailed(PyteiError, RuntimeError):
+    """Every trial a run ran failed (a model that does not load, a target matching nothing, ...)."""
 
 
 class Executor(Protocol):
     """Runs trials somewhere and yields their rows as they finish (in any order)."""
 
-    def run(self, trials: list[Trial]) -> Iterator[TrialRow]: ...
+    def run(self, trials: Iterable[Trial]) -> Iterator[TrialRow]: ...
 
     def close(self) -> None: ...
 
@@ -55,13 +84,19 @@ executors: Registry[Callable[..., Executor]] = Registry("executor")
 
 def chunk_by_model(trials: Iterable[Trial], size: int = _CHUNK) -> list[list[Trial]]:
     """Consecutive trials of one model, at most ``size`` per chunk (the unit of scheduling)."""
-    chunks: list[list[Trial]] = []
+    return list(iter_chunks(trials, size))
+
+
+def iter_chunks(trials: Iterable[Trial], size: int = _CHUNK) -> Iterator[list[Trial]]:
+    """:func:`chunk_by_model` as a stream: each chunk as soon as it is complete."""
+    chunk: list[Trial] = []
     for t in trials:
-        if chunks and chunks[-1][0].model == t.model and len(chunks[-1]) < size:
-            chunks[-1].append(t)
-        else:
-            chunks.append([t])
-    return chunks
+        if chunk and (chunk[0].model != t.model or len(chunk) >= size):
+            yield chunk
+            chunk = []
+        chunk.append(t)
+    if chunk:
+        yield chunk
 
 
 class _Worker:
@@ -100,8 +135,8 @@ class InProcess:
     def __init__(self, plugin_modules: Sequence[str] = ()) -> None:
         self.worker = _Worker(plugin_modules)
 
-    def run(self, trials: list[Trial]) -> Iterator[TrialRow]:
-        for chunk in chunk_by_model(trials, size=1):
+    def run(self, trials: Iterable[Trial]) -> Iterator[TrialRow]:
+        for chunk in iter_chunks(trials, size=1):
             yield from self.worker.run_chunk(chunk)
         if self.worker.runner is not None:
             self.worker.runner.verify()
@@ -113,10 +148,33 @@ class InProcess:
 _PROCESS_WORKER: _Worker | None = None
 
 
-def _init_process(plugin_modules: tuple[str, ...]) -> None:
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent(parent: int) -> None:
+    """End this worker when ``parent`` ends, ``kill -9`` included: ``PR_SET_PDEATHSIG`` on Linux, and
+    everywhere a daemon thread that polls the parent pid (a worker is re-parented when it dies)."""
+    if sys.platform.startswith("linux"):
+        with suppress(OSError, AttributeError):  # without it, the thread below still works
+            ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    if os.getppid() != parent:  # it died before the signal was armed
+        os._exit(1)
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(0.5)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="pytei-parent-watch", daemon=True).start()
+
+
+def _init_process(plugin_modules: tuple[str, ...], parent: int | None = None) -> None:
     import torch
 
     global _PROCESS_WORKER
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle: it stops us
+    if parent is not None:
+        _die_with_parent(parent)
     torch.set_num_threads(1)  # one thread per process: N processes use N cores
     _PROCESS_WORKER = _Worker(plugin_modules)
 
@@ -137,15 +195,20 @@ class ProcessPool:
             max_workers=workers,
             mp_context=multiprocessing.get_context("spawn"),
             initializer=_init_process,
-            initargs=(tuple(plugin_modules),),
+            initargs=(tuple(plugin_modules), os.getpid()),
         )
         self.workers = workers
 
-    def run(self, trials: list[Trial]) -> Iterator[TrialRow]:
-        pending = {self.pool.submit(_run_in_process, c) for c in chunk_by_model(trials)}
+    def run(self, trials: Iterable[Trial]) -> Iterator[TrialRow]:
+        """Rows as chunks finish; at most two chunks per worker are submitted ahead (a stream)."""
+        chunks = iter_chunks(trials)
+        pending = {self.pool.submit(_run_in_process, c) for c in itertools.islice(chunks, 2 * self.workers)}
         try:
             while pending:
                 finished, pending = wait(pending, return_when=FIRST_COMPLETED)
+                pending |= {
+                    self.pool.submit(_run_in_process, c) for c in itertools.islice(chunks, len(finished))
+                }
                 for fut in finished:
                     yield from fut.result()
         finally:
@@ -154,6 +217,15 @@ class ProcessPool:
 
     def close(self) -> None:
         self.pool.shutdown(wait=True, cancel_futures=True)
+
+    def abort(self) -> None:
+        """Stop now (Ctrl-C): cancel what is queued and end the workers without waiting for them."""
+        processes = list(getattr(self.pool, "_processes", {}).values())
+        self.pool.shutdown(wait=False, cancel_futures=True)
+        for p in processes:
+            p.terminate()
+        for p in processes:
+            p.join(timeout=5)
 
 
 class RayExecutor:
@@ -193,9 +265,14 @@ class RayExecutor:
         self.actors: list[Any] = [actor.remote(tuple(plugin_modules)) for _ in range(n)]
         self.pool = ActorPool(self.actors)
 
-    def run(self, trials: list[Trial]) -> Iterator[TrialRow]:
-        for rows in self.pool.map_unordered(lambda a, c: a.run_chunk.remote(c), chunk_by_model(trials)):
-            yield from rows
+    def run(self, trials: Iterable[Trial]) -> Iterator[TrialRow]:
+        """Rows as chunks finish; a chunk is submitted when an actor is free (a stream)."""
+        for chunk in iter_chunks(trials):
+            while not self.pool.has_free():
+                yield from self.pool.get_next_unordered()
+            self.pool.submit(lambda a, c: a.run_chunk.remote(c), chunk)
+        while self.pool.has_next():
+            yield from self.pool.get_next_unordered()
 
     def close(self) -> None:
         for a in self.actors:
@@ -229,12 +306,29 @@ executors("ray", _ray)
 
 @dataclass
 class CampaignResult:
-    """Counts after a run: trials run now, already stored, and failed."""
+    """Counts after a run: trials run now, already stored, failed (of those run now), planned, and
+    left to another runner on the same database (claimed by it, still running); ``first_error`` is
+    the error message of the first trial that failed now."""
 
     ran: int
     skipped: int
     failed: int
     planned: int
+    elsewhere: int = 0
+    first_error: str | None = None
+
+    @property
+    def all_failed(self) -> bool:
+        """Trials ran and every one of them failed."""
+        return self.ran > 0 and self.failed == self.ran
+
+    def check(self) -> None:
+        """Raise :class:`AllTrialsFailed` if every trial run failed (the CLI's exit code 2)."""
+        if self.all_failed:
+            raise AllTrialsFailed(
+                f"all {self.ran} trials failed; the first: {self.first_error} "
+                "(each failure's traceback is stored: pytei campaign export)"
+            )
 
 
 def _halfwidth(values: list[float], metric: str, level: float) -> float:
@@ -269,6 +363,23 @@ def _next_round(trials: list[Trial], store: Store, spec: Spec) -> list[Trial]:
     return todo
 
 
+def _say(progress: bool, text: str) -> None:
+    if progress:
+        print(text, file=sys.stderr, flush=True)
+
+
+def _claimed(trials: Iterable[Trial], store: Store, owner: str, tally: dict[str, int]) -> Iterator[Trial]:
+    """The trials neither stored nor claimed by another live runner, claimed for ``owner`` in
+    batches as they are consumed; counts the others in ``tally`` (``stored``, ``elsewhere``)."""
+    it = iter(trials)
+    while batch := list(itertools.islice(it, _CLAIM)):
+        mine, stored, held = store.claim([t.trial_id for t in batch], owner)
+        tally["stored"] += stored
+        tally["elsewhere"] += held
+        keep = set(mine)
+        yield from (t for t in batch if t.trial_id in keep)
+
+
 def run_campaign(
     spec: Spec,
     db: str | Path,
@@ -279,6 +390,8 @@ def run_campaign(
     executor: str | None = None,
     plugins: Sequence[str] = (),
     progress: bool = True,
+    max_trials: int | None = MAX_TRIALS,
+    confirm: bool = False,
 ) -> CampaignResult:
     """Run (or resume) ``spec``, storing every trial in the SQLite database ``db``.
 
@@ -286,40 +399,94 @@ def run_campaign(
     recorded so that :func:`resume_campaign` can rebuild the plan from the database alone.
     ``executor`` names a registered executor (default: ``ray`` with ``ray_address``, ``pool`` with
     ``workers > 0``, else ``in-process``). ``plugins`` (module names) are imported here and in every
-    worker, after the spec's own ``plugins``.
+    worker, after the spec's own ``plugins``. The number of trials is counted and (with
+    ``progress``) printed before any is made; more than ``max_trials`` (None: no limit) raises
+    :class:`TooManyTrials` unless ``confirm``. Another process running the same spec into ``db``
+    shares the trials (see the module docstring). The checkpoints' content fingerprints are recorded
+    and must match those of earlier runs (:class:`~pytei.campaign.store.ModelChanged`).
     """
     modules = (*spec.plugins, *(m for m in plugins if m not in spec.plugins))
     plugin_loader.load(modules)
-    trials = plan(spec, parameter_names=parameter_names(spec.model_specs()))
+    model_specs = spec.model_specs()
+    names = parameter_names(model_specs)
+    cache: dict[str, list[str]] = {}
+
+    def cached_names(key: str) -> list[str]:
+        if key not in cache:
+            cache[key] = names(key)
+        return cache[key]
+
+    n_planned = count_trials(spec, parameter_names=cached_names)
+    _say(progress, f"campaign {spec.name}: {n_planned:,} trials planned")
+    if max_trials is not None and n_planned > max_trials and not confirm:
+        raise TooManyTrials(
+            f"campaign {spec.name} plans {n_planned:,} trials, over the limit of {max_trials:,}: "
+            "confirm with --yes (run_campaign(..., confirm=True)) or shrink the grid (runs, rates, targets)"
+        )
     with Store(db) as store:
         store.attach_spec(
-            spec.text, spec.hash, spec.name, len(trials), base_dir=str(Path(base_dir).resolve())
+            spec.text,
+            spec.hash,
+            spec.name,
+            n_planned,
+            base_dir=str(Path(base_dir).resolve()),
+            fingerprints=fingerprints(model_specs),
         )
-        done = store.done_ids()
+        owner = store.join()
+        beating = store.heartbeat(owner)
         name = executor or ("ray" if ray_address else "pool" if workers > 0 else "in-process")
         runner: Executor = executors.get(name)(workers=workers, address=ray_address, plugins=modules)
         ran = failed = 0
+        first_error: str | None = None
+        tally = {"stored": 0, "elsewhere": 0}
+        trials = list(iter_plan(spec, parameter_names=cached_names)) if spec.confidence is not None else None
         try:
             with progress_bar(enabled=progress) as bar:
-                task = bar.add_task(f"campaign {spec.name}", total=len(trials), completed=len(done))
+                done = store.counts()["ok"] + store.counts()["failed"]
+                task = bar.add_task(f"campaign {spec.name}", total=n_planned, completed=done)
                 while True:
-                    todo = (
-                        _next_round(trials, store, spec)
-                        if spec.confidence is not None
-                        else [t for t in trials if t.trial_id not in done]
-                    )
-                    if not todo:
-                        break
-                    for row in runner.run(todo):
-                        store.record(row)
+                    if trials is not None:
+                        tally["stored"] = 0  # recounted each round
+                        todo: Iterable[Trial] = _next_round(trials, store, spec)
+                    else:
+                        todo = iter_plan(spec, parameter_names=cached_names)
+                    round_ran = 0
+                    for row in runner.run(_claimed(todo, store, owner, tally)):
+                        try:
+                            store.record(row)
+                        except DuplicateTrial:  # a runner taken for dead finished it after all
+                            tally["elsewhere"] += 1
+                            continue
                         ran += 1
-                        failed += row.status != "ok"
+                        round_ran += 1
+                        if row.status != "ok":
+                            failed += 1
+                            first_error = first_error or row.error_message
                         bar.advance(task)
-                    if spec.confidence is None:
+                    if trials is None or round_ran == 0:
                         break
+        except BaseException:
+            abort = getattr(runner, "abort", None)
+            if callable(abort):
+                abort()
+            raise
         finally:
+            beating.set()
             runner.close()
-        return CampaignResult(ran=ran, skipped=len(done), failed=failed, planned=len(trials))
+            store.leave(owner)
+        if trials is None:
+            skipped = tally["stored"]
+        else:
+            stored_ids = store.done_ids()
+            skipped = sum(1 for t in trials if t.trial_id in stored_ids) - ran
+        return CampaignResult(
+            ran=ran,
+            skipped=skipped,
+            failed=failed,
+            planned=n_planned,
+            elsewhere=tally["elsewhere"],
+            first_error=first_error,
+        )
 
 
 def resume_campaign(db: str | Path, *, plugins: Sequence[str] = (), **options: Any) -> CampaignResult:
@@ -331,7 +498,7 @@ def resume_campaign(db: str | Path, *, plugins: Sequence[str] = (), **options: A
     db = Path(db)
     if not db.is_file():
         raise FileNotFoundError(f"no campaign database at {db}")
-    with Store(db, create=False) as store:
+    with Store(db, create=False, readonly=True) as store:
         stored = store.spec()
     if stored is None:
         raise StoreError(f"{db} holds no campaign spec: start it with 'pytei campaign run SPEC --db {db}'")

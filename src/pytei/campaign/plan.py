@@ -18,7 +18,7 @@ from __future__ import annotations
 import glob
 import hashlib
 import itertools
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -28,7 +28,7 @@ from .sources import source_for
 from .spec import PER_PARAMETER, MitigationChoice, Spec, canonical_json, make_error
 from .store import KINDS
 
-__all__ = ["KINDS", "Point", "Trial", "build_error", "plan", "run_seed"]
+__all__ = ["KINDS", "Point", "Trial", "build_error", "count_trials", "iter_plan", "plan", "run_seed"]
 
 
 @dataclass(frozen=True)
@@ -151,42 +151,72 @@ def _kind(per_parameter: bool, error: dict) -> str:
 def plan(
     spec: Spec, *, runs: int | None = None, parameter_names: Callable[[str], list[str]] | None = None
 ) -> list[Trial]:
-    """Every trial of ``spec``, in execution order (see the module docstring).
+    """Every trial of ``spec``, in execution order (see :func:`iter_plan`, which makes them one by one)."""
+    return list(iter_plan(spec, runs=runs, parameter_names=parameter_names))
+
+
+def _n_runs(spec: Spec, runs: int | None) -> int:
+    n_runs = spec.runs if runs is None else runs
+    if isinstance(n_runs, bool) or not isinstance(n_runs, int) or n_runs < 1:
+        raise ValueError(f"runs must be an int >= 1, got {n_runs!r}")
+    return n_runs
+
+
+def _site_mitigations(spec: Spec, site: str) -> list[MitigationChoice]:
+    """The mitigations planned with ``site`` (memory-side ones do nothing to activation faults)."""
+    return [m for m in spec.mitigations if not (site == "activations" and m.memory)]
+
+
+def count_trials(
+    spec: Spec, *, runs: int | None = None, parameter_names: Callable[[str], list[str]] | None = None
+) -> int:
+    """How many trials :func:`plan` gives, computed from the grid's sizes without making them (so a
+    grid of 1e7 trials is counted in microseconds; per-parameter targets list each model's parameters)."""
+    n_runs = _n_runs(spec, runs)
+    n_points = len(spec.errors.rates) * len(spec.errors.bit_sets)
+    per_site = sum(len(_site_mitigations(spec, site)) for site in spec.sites)
+    total = 0
+    for model in spec.model_specs():
+        n_targets = sum(1 for t in spec.targets if not t.per_parameter)
+        if any(t.per_parameter for t in spec.targets):
+            n_targets = len(_targets(spec, model, parameter_names))
+        total += n_targets * per_site * n_points * n_runs
+    return total
+
+
+def iter_plan(
+    spec: Spec, *, runs: int | None = None, parameter_names: Callable[[str], list[str]] | None = None
+) -> Iterator[Trial]:
+    """Every trial of ``spec``, in execution order (see the module docstring), made as they are consumed.
 
     ``runs`` overrides the number of runs per point (default ``spec.runs``; with ``[confidence]``
     that is ``max_runs`` and the executor decides how many to run). ``parameter_names(model key)``
     lists a model's parameters for ``targets = "per-parameter"``. Trials of memory-side mitigations
     (``protect-bits``, ``ecc``) with the ``activations`` site are skipped: they act on stored tensors only.
     """
-    n_runs = spec.runs if runs is None else runs
+    n_runs = _n_runs(spec, runs)
     labels = spec.model_labels()
-    if isinstance(n_runs, bool) or not isinstance(n_runs, int) or n_runs < 1:
-        raise ValueError(f"runs must be an int >= 1, got {n_runs!r}")
     seeds = [run_seed(spec.seed, r) for r in range(n_runs)]
     points = spec.errors.points()
-    trials = []
     for model, model_spec in spec.model_specs().items():
         metrics = _metrics(spec, model_spec)
         for target, target_spec, per_parameter in _targets(spec, model, parameter_names):
             for site in spec.sites:
-                mitigations = [m for m in spec.mitigations if not (site == "activations" and m.memory)]
+                mitigations = _site_mitigations(spec, site)
                 for (rate, error), (run, seed), m in itertools.product(points, enumerate(seeds), mitigations):
-                    trials.append(
-                        _make_trial(
-                            m,
-                            _kind(per_parameter, error),
-                            labels.get(model),
-                            model=model,
-                            model_spec=model_spec,
-                            target=target,
-                            target_spec=target_spec,
-                            site=site,
-                            error=error,
-                            rate=rate,
-                            run=run,
-                            seed=seed,
-                            mitigation=m.label,
-                            metrics=metrics,
-                        )
+                    yield _make_trial(
+                        m,
+                        _kind(per_parameter, error),
+                        labels.get(model),
+                        model=model,
+                        model_spec=model_spec,
+                        target=target,
+                        target_spec=target_spec,
+                        site=site,
+                        error=error,
+                        rate=rate,
+                        run=run,
+                        seed=seed,
+                        mitigation=m.label,
+                        metrics=metrics,
                     )
-    return trials

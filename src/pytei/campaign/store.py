@@ -11,6 +11,19 @@ plugin registers needs no schema change. A SQLite REAL cannot hold NaN (it becom
 otherwise; a metric that was not computed has no row. SQL aggregates over ``value`` (``AVG``) see
 finite values only; :meth:`Store.rows` restores the floats.
 
+Runners. Several processes may run one campaign into one database: each joins as a row of
+``runners`` (``host:pid:token``, with a heartbeat a thread refreshes) and claims trials (table
+``claims``) before it runs them, in the transaction that checks which are stored or claimed, so
+no trial runs twice. The claims of a runner that is gone (its pid is dead on this host, or its
+heartbeat is older than :data:`STALE_S`) are taken over. These tables hold no results: a reader
+ignores them.
+
+Durability. A writer folds the WAL into the main file (``PRAGMA wal_checkpoint``) every
+:data:`CHECKPOINT_EVERY` trials or :data:`CHECKPOINT_S` seconds and, truncating it, when it closes,
+so the main file alone holds every trial even if the ``-wal`` file is lost. Reading commands open
+the file read-only (:class:`Store` ``readonly=True``), so a database in a read-only folder can be
+read; a WAL-mode file there without its ``-wal`` file is opened as immutable.
+
 Schema versions: 2 (this one). A version 1 database (pytei up to 0.1.0: one column per metric) is
 migrated in place when it is opened, in one transaction, after a copy of it is saved next to it as
 ``<name>.v1.bak``; a newer version is refused with a message naming it.
@@ -20,12 +33,16 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
+import secrets
+import socket
 import sqlite3
+import threading
 import time
 from collections import Counter
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -43,6 +60,7 @@ __all__ = [
     "DUMMY_CONFIG_KEYS",
     "KINDS",
     "DuplicateTrial",
+    "ModelChanged",
     "SpecMismatch",
     "Store",
     "StoreError",
@@ -55,6 +73,13 @@ _APPLICATION = "pytei"
 
 #: Seconds a writer waits for another one's lock before failing with "database is locked".
 BUSY_TIMEOUT_S = 60.0
+
+#: Fold the WAL into the main file after this many recorded trials or seconds (see the docstring).
+CHECKPOINT_EVERY = 100
+CHECKPOINT_S = 30.0
+#: A runner refreshes its heartbeat this often; one on another host silent for STALE_S is gone.
+HEARTBEAT_S = 10.0
+STALE_S = 120.0
 
 #: A pause longer than this between trials splits the history into sessions (a stopped and resumed
 #: campaign); :meth:`Store.timing` measures throughput over the sessions only, not the downtime.
@@ -161,6 +186,16 @@ CREATE TABLE IF NOT EXISTS trials (
     duration_s REAL NOT NULL,
     worker TEXT
 );
+CREATE TABLE IF NOT EXISTS runners (
+    owner TEXT PRIMARY KEY,
+    host TEXT NOT NULL,
+    pid INTEGER NOT NULL,
+    heartbeat REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS claims (
+    trial_id TEXT PRIMARY KEY,
+    owner TEXT NOT NULL
+) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS trials_point ON trials (model, target, site, mitigation, rate);
 CREATE TABLE IF NOT EXISTS metrics (
     trial_id TEXT NOT NULL REFERENCES trials (trial_id),
@@ -184,6 +219,10 @@ class SpecMismatch(PyteiError, ValueError):
     """The database belongs to another campaign spec."""
 
 
+class ModelChanged(SpecMismatch):
+    """A checkpoint differs from the one the database's trials were run with."""
+
+
 class DuplicateTrial(PyteiError, ValueError):
     """A trial id is already stored (rows are never overwritten)."""
 
@@ -196,23 +235,48 @@ class Store:
     database is migrated, though: see the module docstring).
     """
 
-    def __init__(self, path: str | Path, *, create: bool = True) -> None:
+    def __init__(self, path: str | Path, *, create: bool = True, readonly: bool = False) -> None:
         self.path = Path(path)
-        if not create and not self.path.is_file():
+        self.readonly = readonly
+        if (readonly or not create) and not self.path.is_file():
             raise FileNotFoundError(f"no results database at {self.path}")
-        if create:
+        if create and not readonly:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-        uri = f"{self.path.resolve().as_uri()}?mode={'rwc' if create else 'rw'}"
-        self._con = sqlite3.connect(uri, uri=True, timeout=BUSY_TIMEOUT_S, isolation_level=None)
+        self._since_checkpoint = 0
+        self._checkpointed = time.monotonic()
+        self._con = self._connect("ro" if readonly else "rwc" if create else "rw")
         try:
-            self._open(create)
+            self._open(create and not readonly)
         except BaseException:
             self._con.close()
             raise
 
+    def _connect(self, mode: str) -> sqlite3.Connection:
+        """A connection in ``mode`` (``ro``, ``rw``, ``rwc``). Read-only, a WAL-mode file whose folder
+        cannot hold the ``-shm`` file is opened as immutable when no ``-wal`` file is there (no
+        writer can be at work: it would need that folder too)."""
+        uri = f"{self.path.resolve().as_uri()}?mode={mode}"
+        con = sqlite3.connect(uri, uri=True, timeout=BUSY_TIMEOUT_S, isolation_level=None)
+        if mode != "ro":
+            return con
+        try:
+            con.execute("SELECT COUNT(*) FROM sqlite_master").fetchone()
+            return con
+        except sqlite3.OperationalError:
+            con.close()
+        except sqlite3.DatabaseError as err:
+            con.close()
+            raise StoreError(f"{self.path} is not a pytei results database ({err})") from err
+        if Path(f"{self.path}-wal").exists():
+            raise StoreError(
+                f"{self.path} cannot be read: its folder is read-only and it has a -wal file of "
+                "unfolded commits; open it once where it is writable"
+            )
+        return sqlite3.connect(f"{uri}&immutable=1", uri=True, timeout=BUSY_TIMEOUT_S, isolation_level=None)
+
     def _open(self, create: bool) -> None:
         """Check that the file is a pytei database (or empty), then switch to WAL, create the schema
-        or migrate an older one."""
+        or migrate an older one (a writer only)."""
         try:
             tables = {r[0] for r in self._con.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
             meta = (
@@ -225,13 +289,35 @@ class Store:
         version = self._check_meta(meta) if meta is not None else None
         if meta is None and (tables or not create):
             raise StoreError(f"{self.path} is not a pytei results database (no pytei tables)")
-        self._con.execute("PRAGMA journal_mode = WAL")
+        if self.readonly:
+            if version == 1:
+                raise StoreError(
+                    f"{self.path} has results schema version 1, which is migrated when opened for "
+                    "writing: open it once where it is writable (e.g. pytei campaign status on a copy)"
+                )
+            return
+        try:
+            self._con.execute("PRAGMA journal_mode = WAL")
+        except sqlite3.OperationalError as err:
+            raise self._cannot_write(err) from err
         self._con.execute("PRAGMA synchronous = NORMAL")
         if not tables:
             with self._write():
                 self._create_schema()
         elif version == 1:
             self._migrate_v1()
+        elif not {"runners", "claims"} <= tables:  # a version 2 file of an older pytei
+            with self._write():
+                self._create_schema()
+
+    def _cannot_write(self, err: sqlite3.OperationalError) -> Exception:
+        """A pytei error for a database that cannot be written (a read-only file or folder)."""
+        if "readonly" in str(err) or "unable to open" in str(err):
+            return StoreError(
+                f"cannot write to {self.path} ({err}): its file or folder is read-only; reading it "
+                "(campaign status, export, report) works, running needs write access"
+            )
+        return err
 
     def _create_schema(self) -> None:
         """Tables, index and meta rows; idempotent, so two processes creating one file at once is fine."""
@@ -292,26 +378,44 @@ class Store:
     @contextmanager
     def _write(self) -> Iterator[None]:
         """One write transaction, taking the write lock up front (waits for other writers)."""
-        self._con.execute("BEGIN IMMEDIATE")
+        if self.readonly:
+            raise StoreError(f"{self.path} was opened read-only")
+        try:
+            self._con.execute("BEGIN IMMEDIATE")
+        except sqlite3.OperationalError as err:
+            raise self._cannot_write(err) from err
         try:
             yield
         except BaseException:
             self._con.execute("ROLLBACK")
             raise
-        self._con.execute("COMMIT")
+        try:
+            self._con.execute("COMMIT")
+        except sqlite3.OperationalError as err:
+            raise self._cannot_write(err) from err
 
     # --- the campaign ------------------------------------------------------------------------
 
     def attach_spec(
-        self, spec_text: str, spec_hash: str, name: str, n_planned: int, base_dir: str | None = None
+        self,
+        spec_text: str,
+        spec_hash: str,
+        name: str,
+        n_planned: int,
+        base_dir: str | None = None,
+        fingerprints: Mapping[str, str] | None = None,
     ) -> None:
         """Bind the database to a spec: the first call stores it, later ones must give the same hash.
 
         ``base_dir`` is the folder the spec's relative paths resolve against, kept so that a
         campaign can be resumed from its database alone. A matching later call (a resume) updates
-        ``n_planned``, the size of the current plan.
+        ``n_planned``, the size of the current plan. ``fingerprints`` (``{checkpoint path: content
+        hash}``) are part of the identity: a later call whose checkpoint has another hash raises
+        :class:`ModelChanged` naming it; a path first seen (a database of an older pytei, which kept
+        none) is recorded.
         """
         with self._write():
+            self._check_fingerprints(dict(fingerprints or {}))
             current = self.spec()
             if current is None:
                 self._con.execute(
@@ -331,6 +435,27 @@ class Store:
                 )
             else:
                 self._con.execute("UPDATE campaign SET n_planned = ? WHERE id = 1", (n_planned,))
+
+    def _check_fingerprints(self, fingerprints: dict[str, str]) -> None:
+        found = self._con.execute("SELECT value FROM meta WHERE key = 'model_fingerprints'").fetchone()
+        stored: dict[str, str] = json.loads(found[0]) if found else {}
+        for where, digest in fingerprints.items():
+            if stored.get(where, digest) != digest:
+                raise ModelChanged(
+                    f"checkpoint {where} changed since the trials in {self.path} were run (content "
+                    f"{stored[where][:12]}, now {digest[:12]}): resuming would mix two models' trials; "
+                    "restore that checkpoint or run the campaign into a new --db"
+                )
+        if fingerprints.keys() - stored.keys():
+            value = json.dumps({**stored, **fingerprints}, sort_keys=True)
+            self._con.execute(
+                "INSERT OR REPLACE INTO meta (key, value) VALUES ('model_fingerprints', ?)", (value,)
+            )
+
+    def fingerprints(self) -> dict[str, str]:
+        """``{checkpoint path: content hash}`` recorded by :meth:`attach_spec` (empty if none)."""
+        found = self._con.execute("SELECT value FROM meta WHERE key = 'model_fingerprints'").fetchone()
+        return json.loads(found[0]) if found else {}
 
     def spec(self) -> dict | None:
         """The attached spec: ``name``, ``hash``, ``text``, ``created`` (unix time), ``n_planned``
@@ -372,6 +497,113 @@ class Store:
             if "trials.trial_id" not in str(err):
                 raise
             raise DuplicateTrial(f"trial(s) already stored: {', '.join(self._duplicates(values))}") from err
+        self._since_checkpoint += len(values)
+        if self._since_checkpoint >= CHECKPOINT_EVERY or time.monotonic() - self._checkpointed > CHECKPOINT_S:
+            self.checkpoint()
+
+    def checkpoint(self, mode: str = "PASSIVE") -> None:
+        """Fold the WAL into the main file (``PASSIVE``: without waiting for readers; ``TRUNCATE``:
+        and empty the ``-wal`` file). A no-op read-only."""
+        if self.readonly:
+            return
+        self._since_checkpoint, self._checkpointed = 0, time.monotonic()
+        with suppress(sqlite3.OperationalError):  # busy: the next one folds it in
+            self._con.execute(f"PRAGMA wal_checkpoint({mode})").fetchall()
+
+    # --- runners and claims (several processes on one campaign) -------------------------------
+
+    def join(self, pid: int | None = None) -> str:
+        """Register this process as a runner; returns its owner id (``host:pid:token``)."""
+        host, pid = socket.gethostname(), os.getpid() if pid is None else pid
+        owner = f"{host}:{pid}:{secrets.token_hex(4)}"
+        with self._write():
+            self._con.execute(
+                "INSERT INTO runners (owner, host, pid, heartbeat) VALUES (?, ?, ?, ?)",
+                (owner, host, pid, time.time()),
+            )
+        return owner
+
+    def leave(self, owner: str) -> None:
+        """Drop ``owner``'s claims and runner row (its stored trials stay)."""
+        with self._write():
+            self._con.execute("DELETE FROM claims WHERE owner = ?", (owner,))
+            self._con.execute("DELETE FROM runners WHERE owner = ?", (owner,))
+
+    def claim(self, trial_ids: Sequence[str], owner: str) -> tuple[list[str], int, int]:
+        """Claim for ``owner`` those of ``trial_ids`` neither stored nor claimed by a live runner, in
+        one transaction; returns ``(claimed ids in the given order, n stored, n held by others)``."""
+        ids = list(dict.fromkeys(trial_ids))
+        if not ids:
+            return [], 0, 0
+        marks = ", ".join("?" * len(ids))
+        with self._write():
+            self._drop_dead_runners(owner)
+            stored = {
+                r[0]
+                for r in self._con.execute(f"SELECT trial_id FROM trials WHERE trial_id IN ({marks})", ids)
+            }
+            held = {
+                r[0]
+                for r in self._con.execute(
+                    f"SELECT trial_id FROM claims WHERE trial_id IN ({marks}) AND owner != ?", (*ids, owner)
+                )
+            }
+            mine = [i for i in ids if i not in stored and i not in held]
+            self._con.executemany(
+                "INSERT OR REPLACE INTO claims (trial_id, owner) VALUES (?, ?)", [(i, owner) for i in mine]
+            )
+            self._con.execute("UPDATE runners SET heartbeat = ? WHERE owner = ?", (time.time(), owner))
+        return mine, len(stored), len(held - stored)
+
+    def claimed(self) -> int:
+        """Trials claimed and not yet stored."""
+        return int(
+            self._con.execute(
+                "SELECT COUNT(*) FROM claims WHERE trial_id NOT IN (SELECT trial_id FROM trials)"
+            ).fetchone()[0]
+        )
+
+    def _drop_dead_runners(self, owner: str) -> None:
+        host, now = socket.gethostname(), time.time()
+        dead = [
+            other
+            for other, other_host, pid, beat in self._con.execute(
+                "SELECT owner, host, pid, heartbeat FROM runners WHERE owner != ?", (owner,)
+            )
+            if not _alive(other_host, pid, beat, host, now)
+        ]
+        for other in dead:
+            self._con.execute("DELETE FROM claims WHERE owner = ?", (other,))
+            self._con.execute("DELETE FROM runners WHERE owner = ?", (other,))
+        if (
+            not dead
+            and self._con.execute(
+                "SELECT 1 FROM claims WHERE owner NOT IN (SELECT owner FROM runners) LIMIT 1"
+            ).fetchone()
+        ):
+            self._con.execute("DELETE FROM claims WHERE owner NOT IN (SELECT owner FROM runners)")
+
+    def heartbeat(self, owner: str) -> threading.Event:
+        """Refresh ``owner``'s heartbeat every :data:`HEARTBEAT_S` from a daemon thread (its own
+        connection) until the returned event is set."""
+        stop = threading.Event()
+
+        def beat() -> None:
+            con = sqlite3.connect(self.path.resolve().as_uri() + "?mode=rw", uri=True, timeout=5.0)
+            try:
+                while not stop.wait(HEARTBEAT_S):
+                    try:
+                        with con:
+                            con.execute(
+                                "UPDATE runners SET heartbeat = ? WHERE owner = ?", (time.time(), owner)
+                            )
+                    except sqlite3.Error:
+                        pass  # busy or gone: the next beat tries again
+            finally:
+                con.close()
+
+        threading.Thread(target=beat, name=f"pytei-heartbeat-{owner}", daemon=True).start()
+        return stop
 
     def _duplicates(self, values: list[tuple]) -> list[str]:
         ids = [v[0] for v in values]
@@ -429,13 +661,34 @@ class Store:
     # --- lifetime ----------------------------------------------------------------------------
 
     def close(self) -> None:
-        self._con.close()
+        """Close, first folding the WAL into the main file and truncating it (a writer)."""
+        try:
+            if not self.readonly:
+                self.checkpoint("TRUNCATE")
+        finally:
+            self._con.close()
 
     def __enter__(self) -> Store:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _alive(host: str, pid: int, heartbeat: float, this_host: str, now: float) -> bool:
+    """Whether a runner is still at work: its process exists (this host), else its heartbeat is recent."""
+    if host != this_host:
+        return now - heartbeat < STALE_S
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    try:  # a zombie (killed, not yet reaped) is gone too
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return True
 
 
 def _active_seconds(spans: list[tuple[float, float]]) -> float:
