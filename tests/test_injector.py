@@ -506,3 +506,13 @@ def test_fault_map_load_refuses_a_header_that_is_not_json(tmp_path):
     save_file({"w/index": _i64(1)}, str(path), metadata={"other": "x"})
     with pytest.raises(FaultMapError, match=f"{path}.*no 'pytei' header"):
         FaultMap.load(path)
+
+
+def test_aliasing_with_different_word_widths_is_refused():
+    from pytei.exceptions import ArgumentError
+
+    m = nn.Module()
+    m.w = nn.Parameter(torch.randn(8))
+    m.raw = nn.Parameter(m.w.detach().view(torch.int16), requires_grad=False)
+    with pytest.raises(ArgumentError, match=r"w \(torch.float32\) and raw \(torch.int16\) share stored"):
+        pytei.inject(m, BitFlip(0.1), seed=0).__enter__()

@@ -116,9 +116,9 @@ def test_two_threads_looping_inject_on_one_model_never_corrupt_it():
     sys.setswitchinterval(1e-5)  # switch threads often, so injections overlap
 
     def loop(k: int) -> None:
-        deadline = time.monotonic() + 1.5
+        deadline = time.monotonic() + 1.0
         i = 0
-        while time.monotonic() < deadline and i < 400:
+        while time.monotonic() < deadline and i < 250:
             try:
                 with pytei.inject(model, BitFlip(1e-2), seed=1000 * k + i):
                     model(torch.ones(2, 24))
@@ -126,6 +126,7 @@ def test_two_threads_looping_inject_on_one_model_never_corrupt_it():
             except InjectionConflictError as err:
                 refused.append(str(err))
             i += 1
+            time.sleep(1e-4)  # time outside any injection, so each thread gets the model at times
 
     try:
         threads = [threading.Thread(target=loop, args=(k,), name=f"worker-{k}") for k in (0, 1)]
@@ -139,3 +140,21 @@ def test_two_threads_looping_inject_on_one_model_never_corrupt_it():
     assert done[0] > 0 and done[1] > 0
     assert refused, "with a 10 us switch interval the two threads' injections must have overlapped"
     assert all("Sequential" in msg and "worker-" in msg and "copy.deepcopy" in msg for msg in refused)
+
+
+def test_injection_into_a_model_another_thread_holds_is_refused_clearly():
+    model = _small()
+    clean = parameter_digest(model)
+    held = Injector(BitFlip(1e-2), seed=7)
+    thread = threading.Thread(target=held.apply, args=(model,), name="holder")
+    thread.start()
+    thread.join()
+    with pytest.raises(InjectionConflictError) as err, pytei.inject(model[2], BitFlip(1e-2), seed=8):
+        pass  # a submodule of the held model is held too
+    text = str(err.value)
+    assert "Sequential" in text and "'holder'" in text and "seed=7" in text and "copy.deepcopy" in text
+    held.restore()
+    assert parameter_digest(model) == clean
+    with pytei.inject(model, BitFlip(1e-2), seed=8):  # free again
+        pass
+    assert parameter_digest(model) == clean

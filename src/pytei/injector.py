@@ -148,8 +148,8 @@ class _Guard:
         """Put the previous handler back (the model is clean) and deliver a kept Ctrl-C to it."""
         if not self.installed:
             return
+        previous = self.previous if self.previous is not None else signal.SIG_DFL
         if signal.getsignal(signal.SIGINT) is self:  # else a handler set later stays in place
-            previous = self.previous if self.previous is not None else signal.SIG_DFL
             signal.signal(signal.SIGINT, previous)  # type: ignore[arg-type]
         self.installed = False
         if self.pending:
@@ -213,8 +213,8 @@ def _storage_key(t: torch.Tensor) -> tuple[str, int]:
 
 def _span(t: torch.Tensor) -> tuple[int, int]:
     """``[lo, hi)``: the storage elements (of ``t``'s dtype) that ``t`` can touch."""
-    extent = sum((size - 1) * stride for size, stride in zip(t.shape, t.stride(), strict=True))
-    return t.storage_offset(), t.storage_offset() + extent + 1
+    extent = sum(int(size - 1) * int(stride) for size, stride in zip(t.shape, t.stride(), strict=True))
+    return int(t.storage_offset()), int(t.storage_offset()) + extent + 1
 
 
 def _may_self_overlap(t: torch.Tensor) -> bool:
@@ -249,19 +249,23 @@ def _exposures(sites: list[Site]) -> list[_Exposure]:
     indices of one stride-0 tensor) belongs to the first flat index, in selection order, that reaches it."""
     spans = [(_storage_key(s.tensor), *_span(s.tensor)) if s.tensor.numel() else None for s in sites]
     aliased = [s.tensor.numel() > 0 and _may_self_overlap(s.tensor) for s in sites]
-    for i, a in enumerate(spans):
-        for j in range(i):
-            b = spans[j]
-            if a is not None and b is not None and a[0] == b[0]:
-                size_a, size_b = sites[i].tensor.element_size(), sites[j].tensor.element_size()
-                if a[1] * size_a < b[2] * size_b and b[1] * size_b < a[2] * size_a:
-                    if size_a != size_b:
-                        raise ArgumentError(
-                            f"{sites[j].name} ({sites[j].tensor.dtype}) and {sites[i].name} "
-                            f"({sites[i].tensor.dtype}) share stored bytes with different word widths; "
-                            "select only one of them (exclude=...)"
-                        )
-                    aliased[i] = aliased[j] = True
+    by_storage: dict[tuple[str, int], list[int]] = {}
+    for i, span in enumerate(spans):
+        if span is not None:
+            by_storage.setdefault(span[0], []).append(i)
+    pairs = [(i, j) for group in by_storage.values() for k, i in enumerate(group) for j in group[:k]]
+    for i, j in pairs:  # only tensors over one storage (usually none) are compared
+        a, b = spans[i], spans[j]
+        assert a is not None and b is not None
+        size_a, size_b = sites[i].tensor.element_size(), sites[j].tensor.element_size()
+        if a[1] * size_a < b[2] * size_b and b[1] * size_b < a[2] * size_a:  # byte ranges intersect
+            if size_a != size_b:
+                raise ArgumentError(
+                    f"{sites[j].name} ({sites[j].tensor.dtype}) and {sites[i].name} "
+                    f"({sites[i].tensor.dtype}) share stored bytes with different word widths; "
+                    "select only one of them (exclude=...)"
+                )
+            aliased[i] = aliased[j] = True
     out: list[_Exposure] = []
     claimed: dict[tuple[str, int], torch.Tensor] = {}
     for site, is_aliased, span in zip(sites, aliased, spans, strict=True):
@@ -308,8 +312,10 @@ def _claim(injector: Injector, model: nn.Module, sites: list[Site]) -> _Claim:
     with _LIVE_LOCK:
         for other in _LIVE:
             if other.thread is not here and (other.modules & claim.modules or other.storages & storages):
+                held = f"{type(other.model).__name__} (id {id(other.model):#x})"
+                what = held if other.model is model else f"{type(model).__name__}, which overlaps {held},"
                 raise InjectionConflictError(
-                    f"{type(model).__name__} (id {id(model):#x}) is held by {other.injector!r}, applied in "
+                    f"{what} is held by {other.injector!r}, applied in "
                     f"thread {other.thread.name!r} and not restored; pytei corrupts a model from one thread "
                     "at a time: give each thread its own copy (copy.deepcopy(model)) or run the trials "
                     "one after another"
