@@ -136,7 +136,11 @@ class ErrorModel(ABC):
 
 @dataclass(frozen=True)
 class BitFlip(ErrorModel):
-    """Every targeted bit flips independently with probability ``ber`` (optionally only ``bits``)."""
+    """Every targeted bit flips independently with probability ``ber`` (optionally only ``bits``).
+
+    ``bits`` are positions in each stored element (0 = least significant). Under ``protect=ECC()``
+    positions 64..71 name the 8 check bits of each 72-bit codeword as well (``pytei.mitigation.ecc``).
+    """
 
     ber: float
     bits: tuple[int, ...] | None = None
@@ -151,7 +155,10 @@ class BitFlip(ErrorModel):
 
 @dataclass(frozen=True)
 class BitRates(ErrorModel):
-    """Per-bit-position error rates: bit ``b`` of every word flips independently with ``rates[b]``."""
+    """Per-bit-position error rates: bit ``b`` of every word flips independently with ``rates[b]``.
+
+    Under ``protect=ECC()`` positions 64..71 are the codeword's check bits (``pytei.mitigation.ecc``).
+    """
 
     rates: Mapping[int, float]
 
@@ -181,6 +188,7 @@ class StuckAt(ErrorModel):
     """Each targeted bit is forced to ``value`` (0 or 1) with probability ``rate``: a permanent fault.
 
     A bit that already holds ``value`` is hit but unchanged, so it is not counted as a fault.
+    Under ``protect=ECC()`` positions 64..71 of ``bits`` are the codeword's check bits.
     """
 
     rate: float
@@ -277,7 +285,10 @@ def _uniform_floats(n: int, low: float, high: float, dtype: torch.dtype, g: torc
 
 @dataclass(frozen=True)
 class FlipCount(ErrorModel):
-    """Exactly ``k`` distinct bits flip, uniformly over all targeted bits (of all tensors together)."""
+    """Exactly ``k`` distinct bits flip, uniformly over all targeted bits (of all tensors together).
+
+    Under ``protect=ECC()`` the targeted bits are the data and check bits of the codewords jointly.
+    """
 
     k: int
     bits: tuple[int, ...] | None = None
@@ -314,7 +325,8 @@ class FlipCount(ErrorModel):
 class Burst(ErrorModel):
     """Multi-bit upsets: with probability ``rate`` per word, ``length`` adjacent bits flip together.
 
-    The burst's lowest bit is uniform over the positions where it fits in the word.
+    The burst's lowest bit is uniform over the positions where it fits in the word. Under
+    ``protect=ECC()`` the word is the 72-bit codeword (data and check bits, ``length <= 72``).
     """
 
     rate: float
