@@ -11,6 +11,7 @@ import pytest
 from pytei import reproduce as rp
 from pytei.campaign import parse_spec
 from pytei.cli import main
+from pytei.compat import COMPAT_FLAGS
 from pytei.data.synthetic import write_criteo, write_movielens
 from pytei.results import load
 from pytei.train import TrainConfig
@@ -181,3 +182,25 @@ def test_paper_preset_trains_and_sweeps_the_data_sets_it_finds(tmp_path):
     assert set(ctr.dataset) == {"movielens-1m", "criteo"}
     assert len(ctr) == 2 * 5 * 3 * 2  # data sets x models x targets x mitigations (1 BER, 1 run)
     assert (root / "report" / "report.md").is_file()
+
+
+def test_reproduce_compat_measures_each_defect(quick_run):
+    """Last in this file: it adds the compat section to the shared run's report."""
+    out, _ = quick_run
+    printed = run_preset("quick", TINY, out.parent, "--compat", ",".join(COMPAT_FLAGS))
+    settings = ["pytei", *COMPAT_FLAGS, "+".join(COMPAT_FLAGS)]
+    assert "Compatibility: the original code's defects, measured" in printed
+    section = (out / "report" / "compat.md").read_text()
+    assert section in (out / "report" / "report.md").read_text()
+    for setting in settings:
+        assert f"| {setting} |" in section
+
+    # the re-drawn split scores other rows (training rows among them): the baseline AUC moves
+    def db(setting: str):
+        return load(out / f"compat-{setting}.db")
+
+    pytei_df, split_df = db("pytei"), db("original-split")
+    assert (pytei_df.status == "ok").all() and (split_df.status == "ok").all()
+    baselines = pytei_df.groupby("model").baseline_auc.first(), split_df.groupby("model").baseline_auc.first()
+    assert (baselines[0] != baselines[1]).all()
+    assert (db("accumulate").status == "ok").all() and (db("original-mask").status == "ok").all()

@@ -11,6 +11,7 @@ recorded per trial. Scores are updated incrementally where only some outputs cha
 
 from __future__ import annotations
 
+import hashlib
 import os
 import socket
 import time
@@ -22,7 +23,7 @@ import torch
 from torch import nn
 
 from .. import metrics
-from ..errors import Faults
+from ..errors import ErrorModel, Faults
 from ..incremental import IncrementalEvaluator
 from ..injector import InjectionReport, Injector, Protection, parameter_digest
 from ..mitigation import Mitigation, mitigate
@@ -161,6 +162,28 @@ class ModelRunner:
         differ = outcome.outputs[rows].view(torch.int32) != clean[rows].view(torch.int32)
         return outcome.outputs, outcome.path, rows[differ]
 
+    @torch.no_grad()
+    def _accumulated(
+        self, trial: Trial, error: ErrorModel, protect: Protection | None
+    ) -> tuple[torch.Tensor, int, dict]:
+        """The original PyTEI evaluation loop (an error model that ``accumulates``, see pytei.compat):
+        before every batch a fresh draw (seed derived from the trial's and the batch index) goes in
+        on top of the earlier ones; all come out, last first, when the trial ends."""
+        applied: list[Injector] = []
+        outputs, n_faults = [], 0
+        try:
+            for b, batch in enumerate(self.ev.batches):
+                seed = int.from_bytes(hashlib.sha256(f"{trial.seed}:{b}".encode()).digest()[:7], "big")
+                injector = Injector(error, site=trial.site, seed=seed, protect=protect, **trial.target_spec)
+                report = injector.apply(self.model)
+                applied.append(injector)
+                outputs.append(self.model(*batch).float().reshape(-1))
+                n_faults += report.n_faults
+        finally:
+            while applied:
+                applied.pop().restore()
+        return torch.cat(outputs), n_faults, {}
+
     # --- trials ------------------------------------------------------------------------------
 
     def run(self, trial: Trial) -> TrialRow:
@@ -184,19 +207,25 @@ class ModelRunner:
     def _run(self, trial: Trial, started: float) -> TrialRow:
         mit, protect = self.mitigation(trial)
         base = self.baseline(trial)  # before attaching below: clean() attaches the mitigation itself
-        injector = Injector(
-            build_error(trial.error), site=trial.site, seed=trial.seed, protect=protect, **trial.target_spec
-        )
+        error = build_error(trial.error)
         if mit is not None:
             mit.reset_stats()
         with mitigate(self.model, *([mit] if mit else [])):
-            report = injector.apply(self.model)
-            try:
-                outputs, path, changed = self._outputs(trial, report)
-            finally:
-                injector.restore()
+            if getattr(error, "accumulates", False):
+                outputs, n_faults, protection = self._accumulated(trial, error, protect)
+                path, changed = "full", None
+            else:
+                injector = Injector(
+                    error, site=trial.site, seed=trial.seed, protect=protect, **trial.target_spec
+                )
+                report = injector.apply(self.model)
+                try:
+                    outputs, path, changed = self._outputs(trial, report)
+                finally:
+                    injector.restore()
+                n_faults, protection = report.n_faults, report.protection
         got = base if path == "clean" else self._score(outputs, trial, changed)
-        extra: dict[str, Any] = {"path": path, **report.protection}
+        extra: dict[str, Any] = {"path": path, **protection}
         if mit is not None:
             extra.update({k: v for k, v in mit.stats.items() if not isinstance(v, dict)})
         values = {k: v for k, v in got.items() if k not in _COUNTS}
@@ -206,7 +235,7 @@ class ModelRunner:
             started,
             self.ev,
             status="ok",
-            n_faults=report.n_faults,
+            n_faults=n_faults,
             n_invalid=int(got["n_invalid"]),
             n_outputs=int(got["n"]),
             metrics=values,
