@@ -3,11 +3,18 @@
 The metadata records how to rebuild the model (registry name and config) and the exact test split
 it was scored on (data set name, options, split seed, fingerprint), so ``load_checkpoint`` gives
 back the model *and* the same held-out rows, refusing data that changed since training.
+
+Integrity: the metadata records the sha256 of ``model.safetensors``; ``load_checkpoint`` verifies
+it, so a flipped byte in the weights is refused, not loaded. Both files are written aside and
+renamed into place (weights first, metadata last), so a failed save (a full disk) leaves no
+half-written file under the final names.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 import platform
 from dataclasses import dataclass
 from importlib.metadata import version
@@ -21,11 +28,24 @@ from .data import CTRDataset
 from .data import load as load_data
 from .exceptions import CheckpointError
 
-__all__ = ["Checkpoint", "save_checkpoint", "load_checkpoint", "WEIGHTS", "META"]
+__all__ = ["Checkpoint", "save_checkpoint", "load_checkpoint", "weights_sha256", "WEIGHTS", "META"]
 
 WEIGHTS = "model.safetensors"
 META = "meta.json"
 _FORMAT = "pytei.checkpoint/1"
+
+#: Keys every checkpoint's metadata has, by section (checked at load, so a missing one names itself).
+_REQUIRED: dict[str, tuple[str, ...]] = {
+    "model": ("name", "config"),
+    "data": ("name", "data_dir", "layout", "options", "split_seed", "fingerprint"),
+    "weights": ("file", "sha256"),
+}
+
+
+def weights_sha256(path: str | Path) -> str:
+    """sha256 hex of a weights file (what the metadata records and loading verifies)."""
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 @dataclass
@@ -78,10 +98,21 @@ def save_checkpoint(
             "python": platform.python_version(),
         },
     }
-    tmp = directory / (WEIGHTS + ".tmp")
-    save_model(model.cpu(), str(tmp))
-    tmp.replace(directory / WEIGHTS)
-    (directory / META).write_text(json.dumps(meta, indent=2) + "\n")
+    tmp_weights, tmp_meta = directory / (WEIGHTS + ".tmp"), directory / (META + ".tmp")
+    try:
+        save_model(model.cpu(), str(tmp_weights))
+        meta["weights"] = {"file": WEIGHTS, "sha256": weights_sha256(tmp_weights)}
+        with open(tmp_meta, "w", encoding="utf-8") as f:
+            f.write(json.dumps(meta, indent=2) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        (directory / META).unlink(missing_ok=True)  # never a new meta over old weights or the reverse
+        tmp_weights.replace(directory / WEIGHTS)
+        tmp_meta.replace(directory / META)
+    except BaseException:
+        tmp_weights.unlink(missing_ok=True)
+        tmp_meta.unlink(missing_ok=True)
+        raise
     return directory
 
 
@@ -96,6 +127,15 @@ def _read_meta(directory: Path) -> dict:
     found = meta.get("format") if isinstance(meta, dict) else None
     if found != _FORMAT:
         raise CheckpointError(f"{path}: not a {_FORMAT} file (format={found!r})")
+    for section, keys in _REQUIRED.items():
+        if not isinstance(meta.get(section), dict):
+            raise CheckpointError(f"{path}: the key {section!r} is missing or not an object")
+        missing = [key for key in keys if key not in meta[section]]
+        if missing:
+            raise CheckpointError(
+                f"{path}: {section!r} lacks the key{'s' if len(missing) > 1 else ''} "
+                f"{', '.join(repr(k) for k in missing)}"
+            )
     return meta
 
 
@@ -121,6 +161,12 @@ def load_checkpoint(
     weights = directory / WEIGHTS
     if not weights.is_file():
         raise FileNotFoundError(f"{directory} is not a pytei checkpoint: {WEIGHTS} is missing")
+    found = weights_sha256(weights)
+    if found != meta["weights"]["sha256"]:
+        raise CheckpointError(
+            f"corrupt checkpoint weights {weights}: sha256 {found[:16]}... differs from the "
+            f"{str(meta['weights']['sha256'])[:16]}... recorded in {META} (the file changed after saving)"
+        )
     try:
         load_model(model, str(weights), strict=True)
     except (SafetensorError, RuntimeError, OSError) as err:

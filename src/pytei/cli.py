@@ -9,9 +9,12 @@ traceback, exit code 1. ``--debug`` (or ``PYTEI_DEBUG=1``) shows the traceback o
 from __future__ import annotations
 
 import argparse
+import errno
 import inspect
 import json
+import math
 import os
+import sqlite3
 import sys
 import traceback
 from collections.abc import Callable, Iterator
@@ -37,6 +40,20 @@ PATH_ERRORS: tuple[type[OSError], ...] = (
 
 #: What the CLI reports as the user's mistake (one line, exit code 2).
 USER_ERRORS: tuple[type[Exception], ...] = (PyteiError, *PATH_ERRORS)
+
+#: ``OSError`` numbers of a storage that cannot take more (full disk, quota, read-only, file size):
+#: the machine's state, not a bug, so reported as one line with exit code 2.
+STORAGE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG})
+#: How SQLite words the same conditions (it raises ``sqlite3.OperationalError``, without an errno).
+_SQLITE_STORAGE = ("database or disk is full", "attempt to write a readonly database", "disk i/o error")
+
+
+def _storage_error(err: BaseException) -> bool:
+    """Whether ``err`` says the storage is full or read-only (see ``STORAGE_ERRNOS``)."""
+    if isinstance(err, OSError):
+        return err.errno in STORAGE_ERRNOS
+    return isinstance(err, sqlite3.OperationalError) and any(t in str(err).lower() for t in _SQLITE_STORAGE)
+
 
 #: Example values for config keys that models require, used in the hint of a missing key.
 _CONFIG_EXAMPLES: dict[str, object] = {"field_dims": [6041, 3953], "dense_dim": 13}
@@ -129,12 +146,17 @@ def _cmd_describe(args: argparse.Namespace, console: Console) -> None:
 
 
 def _cmd_train(args: argparse.Namespace, console: Console) -> None:
+    import torch
+
     from . import models
     from .checkpoint import save_checkpoint
     from .data import load
-    from .train import TrainConfig, build, fit
+    from .outputs import check_output_dir
+    from .train import TrainConfig, build, check_device, check_trainable, fit
 
     _load_plugins(args)
+    check_output_dir(args.out, "--out")  # before any work: training may take hours
+    check_device(args.device)
     options = _json_object("--data-options", args.data_options)
     config = _json_object("--model-config", args.model_config)
     cls = models.get(args.model)
@@ -155,6 +177,8 @@ def _cmd_train(args: argparse.Namespace, console: Console) -> None:
         f"{data.name}: {len(data.train):,} train / {len(data.valid):,} valid / {len(data.test):,} test rows, "
         f"{len(data.field_dims)} fields",
     )
+    check_trainable(data)
+    _say(console, f"torch threads: {torch.get_num_threads()} (--threads N sets it)")
     model_config = {"field_dims": data.field_dims, **_dense_kw(cls, data), **config}
     with _checking("--model-config"):
         model = build(args.model, train_cfg, **model_config)
@@ -164,8 +188,8 @@ def _cmd_train(args: argparse.Namespace, console: Console) -> None:
     )
     _say(
         console,
-        f"best epoch {result.best_epoch}: valid AUC {result.valid_auc:.4f}, test AUC {result.test_auc:.4f} "
-        f"-> checkpoint {out}",
+        f"best epoch {result.best_epoch}: valid AUC {result.valid_auc:.4f}, test AUC {result.test_auc:.4f}, "
+        f"train AUC {result.train_auc:.4f} -> checkpoint {out}",
     )
 
 
@@ -226,38 +250,34 @@ def _executor_options(args: argparse.Namespace) -> dict[str, Any]:
 def _cmd_campaign_run(args: argparse.Namespace, console: Console) -> None:
     from .campaign import load_spec
     from .campaign.execute import run_campaign
+    from .outputs import check_output_file
 
     _load_plugins(args)  # before the spec: it may name what the plugins register
+    check_output_file(args.db, "--db")  # an existing database is resumed; a folder or read-only one refused
     spec = load_spec(args.spec)
     result = run_campaign(
         spec,
         args.db,
         base_dir=Path(args.spec).parent,
         plugins=tuple(args.plugins),
-        confirm=args.yes,
         **_executor_options(args),
     )
-    elsewhere = f", {result.elsewhere} run by another process" if result.elsewhere else ""
     _say(
         console,
-        f"campaign {spec.name}: {result.ran} trials run now, {result.skipped} already stored{elsewhere}, "
+        f"campaign {spec.name}: {result.ran} trials run now, {result.skipped} already stored, "
         f"{result.failed} failed; {result.planned} planned -> {args.db}",
     )
-    result.check()  # every trial run failed: exit code 2
 
 
 def _cmd_campaign_resume(args: argparse.Namespace, console: Console) -> None:
     from .campaign.execute import resume_campaign
 
     _load_plugins(args)
-    result = resume_campaign(
-        args.db, plugins=tuple(args.plugins), confirm=args.yes, **_executor_options(args)
-    )
+    result = resume_campaign(args.db, plugins=tuple(args.plugins), **_executor_options(args))
     _say(
         console,
         f"resumed: {result.ran} trials run now, {result.skipped} already stored, {result.failed} failed",
     )
-    result.check()  # every trial run failed: exit code 2
 
 
 def _cmd_campaign_status(args: argparse.Namespace, console: Console) -> None:
@@ -265,7 +285,7 @@ def _cmd_campaign_status(args: argparse.Namespace, console: Console) -> None:
 
     if not Path(args.db).is_file():
         raise FileNotFoundError(f"no campaign database at {args.db}")
-    with Store(args.db, create=False, readonly=True) as store:
+    with Store(args.db, create=False) as store:
         spec, counts, timing = store.spec(), store.counts(), store.timing()
     table = Table(title=Text(f"campaign {spec['name'] if spec else '?'} ({args.db})"))
     for col in ("done", "failed", "remaining", "planned", "trials/s", "eta"):
@@ -286,22 +306,26 @@ def _cmd_campaign_status(args: argparse.Namespace, console: Console) -> None:
 def _cmd_campaign_export(args: argparse.Namespace, console: Console) -> None:
     import importlib.util
 
+    from .outputs import check_output_file
     from .results import export
 
     if not Path(args.db).is_file():
         raise FileNotFoundError(f"no campaign database at {args.db}")
     if args.format == "parquet" and importlib.util.find_spec("pyarrow") is None:
         raise CLIError("--format parquet needs pyarrow, which is not installed: pip install 'pytei[parquet]'")
+    check_output_file(args.out, "--out", force=args.force)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     out = export(args.db, args.out, fmt=args.format)
     _say(console, f"wrote {out}")
 
 
 def _cmd_report(args: argparse.Namespace, console: Console) -> None:
+    from .outputs import check_output_dir
     from .report import write_report
 
     if not Path(args.db).is_file():
         raise FileNotFoundError(f"no campaign database at {args.db}")
+    check_output_dir(args.out, "--out")  # a folder: rewriting an earlier report there is intended
     path = write_report(args.db, args.out, title=args.title)
     _say(console, f"wrote {path} and {path.with_suffix('.html')}")
 
@@ -309,7 +333,14 @@ def _cmd_report(args: argparse.Namespace, console: Console) -> None:
 def _cmd_reproduce(args: argparse.Namespace, console: Console) -> None:
     from .reproduce import reproduce
 
-    reproduce(args.preset, args.out, data_dir=args.data_dir, workers=args.workers, console=console)
+    reproduce(
+        args.preset,
+        args.out,
+        data_dir=args.data_dir,
+        workers=args.workers,
+        console=console,
+        synthetic=args.synthetic,
+    )
 
 
 def _count(minimum: int) -> Callable[[str], int]:
@@ -326,6 +357,20 @@ def _count(minimum: int) -> Callable[[str], int]:
 
     parse.__name__ = f"integer >= {minimum}"  # what argparse names in 'invalid ... value'
     return parse
+
+
+def _positive(text: str) -> float:
+    """An argparse type: a finite number > 0 (``inf``, ``nan`` and ``0`` are refused)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a finite number > 0, got {text!r}") from None
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"expected a finite number > 0, got {text!r}")
+    return value
+
+
+_positive.__name__ = "finite number > 0"
 
 
 class _HelpFormatter(argparse.HelpFormatter):
@@ -441,7 +486,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--patience", type=_count(1), default=3, help="stop after this many epochs without valid-AUC gain"
     )
     p.add_argument("--batch-size", type=_count(1), default=2048, help="training batch size")
-    p.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate")
+    p.add_argument("--lr", type=_positive, default=1e-3, help="Adam learning rate, a finite number > 0")
     p.add_argument("--seed", type=_count(0), default=0, help="seed of initialisation, shuffling and dropout")
     p.add_argument("--split-seed", type=_count(0), default=0, help="seed of the 8:1:1 train/valid/test split")
     p.add_argument("--device", default="cpu", help="torch device to train on, e.g. cuda")
@@ -484,16 +529,6 @@ def build_parser() -> argparse.ArgumentParser:
             help="local worker processes of one torch thread each (0: run in this process)",
         )
         p.add_argument("--ray-address", help="run on Ray: 'local', 'auto' or 'ray://host:port'")
-        p.add_argument(
-            "--yes",
-            action="store_true",
-            help="run a plan of more than 1,000,000 trials (refused otherwise, after printing its size)",
-        )
-        p.epilog = (
-            "exit status: 0 when the campaign ran (some trials may have failed: see 'campaign status'), "
-            "2 on bad input or when every trial run failed (one line names the first error), "
-            "130 on Ctrl-C (resume with 'pytei campaign resume DB')"
-        )
         _plugin_flag(p)
         _threads_flag(p)
         _cache_flag(p)
@@ -502,7 +537,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = command(csub, "export", "write all trials to CSV or Parquet", _cmd_campaign_export)
     p.add_argument("db", help="the campaign's SQLite results database")
     p.add_argument("--format", choices=["csv", "parquet"], default="csv", help="file format")
-    p.add_argument("--out", required=True, help="file to write")
+    p.add_argument("--out", required=True, help="file to write (an existing one only with --force)")
+    p.add_argument("--force", action="store_true", help="overwrite --out if it exists")
 
     p = command(
         sub, "report", "figures, tables, report.md and report.html from a results database", _cmd_report
@@ -517,6 +553,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--preset", choices=["quick", "paper"], default="quick", help="study size")
     p.add_argument("--out", default="pytei-out", help="output folder (checkpoints, databases, report)")
     p.add_argument("--data-dir", help="folder with ratings.dat / ratings.csv / train.txt (paper preset)")
+    p.add_argument(
+        "--synthetic",
+        action="store_true",
+        help="let the paper preset run on the synthetic CTR data set when --data-dir holds no data set",
+    )
     p.add_argument(
         "--workers",
         type=_count(0),
@@ -561,14 +602,28 @@ def main(argv: list[str] | None = None) -> int:
             traceback.print_exc()
         print(f"error: {_one_line(err)}", file=sys.stderr)
         return 2
-    except Exception:
-        traceback.print_exc()
+    except (OSError, sqlite3.OperationalError) as err:
+        if not _storage_error(err):
+            return _bug()
+        if debug:
+            traceback.print_exc()
+        where = f" ({err.filename})" if isinstance(err, OSError) and err.filename else ""
         print(
-            "this is a bug in pytei or in a plugin: please report it with the traceback above",
+            f"error: cannot write{where}: {_one_line(err)}; free space or fix the folder, then rerun "
+            "(stored trials and checkpoints are kept)",
             file=sys.stderr,
         )
-        return 1
+        return 2
+    except Exception:
+        return _bug()
     return 0
+
+
+def _bug() -> int:
+    """Report the exception being handled as a bug: its traceback, a request to report it, code 1."""
+    traceback.print_exc()
+    print("this is a bug in pytei or in a plugin: please report it with the traceback above", file=sys.stderr)
+    return 1
 
 
 if __name__ == "__main__":

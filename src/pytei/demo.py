@@ -17,6 +17,7 @@ from rich.table import Table
 
 from . import models
 from .errors import BitFlip
+from .exceptions import ArgumentError
 from .injector import Injector, parameter_digest
 from .metrics import rmse
 from .models.dummy import dummy_inputs
@@ -40,6 +41,9 @@ def _fmt(values: list[float]) -> str:
 
 def run_demo(console: Console, *, runs: int = 5, samples: int = 2048, seed: int = 0) -> dict:
     """Run the sweep, print a table of median RMSE per target and BER, and return the numbers."""
+    for name, value in (("runs", runs), ("samples", samples)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ArgumentError(f"{name} must be an integer >= 1, got {value!r}")
     model = models.create("dummy", mlp_depth=2, mlp_hidden=256, embed_dim=128, seed=seed).eval()
     dense, sparse = dummy_inputs(samples, sparsity=0.01, seed=seed)
     with torch.no_grad():

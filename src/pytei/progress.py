@@ -213,7 +213,7 @@ def progress_bar(
         bar = LineProgress(interval=_interval(interval), file=file, get_time=get_time)
     else:
         bar = Progress(
-            TextColumn("{task.description}"),
+            TextColumn("{task.description}", markup=False),  # verbatim: a "[/x]" in a name stays
             BarColumn(),
             MofNCompleteColumn(),
             TaskProgressColumn(),

@@ -29,6 +29,7 @@ from .campaign import parse_spec
 from .campaign.execute import run_campaign
 from .checkpoint import load_checkpoint, save_checkpoint
 from .data import load as load_data
+from .exceptions import ArgumentError
 from .report import write_report
 from .results import load as load_results
 from .train import TrainConfig, build, fit
@@ -232,14 +233,25 @@ def reproduce(
     data_dir: str | Path | None = None,
     workers: int = 0,
     console: Console | None = None,
+    synthetic: bool = False,
 ) -> Path:
-    """Run (or resume) the preset's campaigns under ``out`` and write the report; returns report.md."""
+    """Run (or resume) the preset's campaigns under ``out`` and write the report; returns report.md.
+
+    ``synthetic``: let the paper preset fall back to the synthetic CTR data set when ``data_dir``
+    holds none of the paper's data sets (refused otherwise: the paper grid takes hours).
+    """
     if preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}; allowed: {', '.join(PRESETS)}")
     console = console or Console()
     cfg = PRESETS[preset]
     out = Path(out).expanduser().resolve() / preset
     datasets: dict[str, Path | None] = {**find_datasets(data_dir)} if preset == "paper" else {}
+    if preset == "paper" and not datasets and not synthetic:
+        raise ArgumentError(
+            f"no data set found in {data_dir} (expected files: "
+            f"{', '.join(f'{k}: {v}' for k, v in _DATA_FILES.items())}); pass --synthetic to run the "
+            "hours-long paper grid on the synthetic CTR data set instead"
+        )
     (out / "specs").mkdir(parents=True, exist_ok=True)
     if preset == "paper" and not datasets:
         console.print(

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import math
+import time
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -17,9 +18,55 @@ from torch import nn
 
 from . import metrics, models
 from .data import CTRDataset, Split
+from .data.dataset import split_sizes
+from .exceptions import ArgumentError
 from .progress import progress_bar
 
-__all__ = ["TrainConfig", "TrainResult", "build", "fit", "predict"]
+__all__ = ["TRAIN_AUC_ROWS", "TrainConfig", "TrainResult", "build", "check_device", "fit", "predict"]
+
+#: Training rows scored for the training-set AUC; a larger training set is scored on a fixed
+#: (seeded) sample of this many rows, so the cost stays that of one pass over a validation-sized set.
+TRAIN_AUC_ROWS = 1_000_000
+#: Fewest rows whose 8:1:1 split leaves a validation and a test row.
+MIN_ROWS = 10
+
+
+def check_device(device: str) -> str:
+    """``device`` if torch can train on it here, else an ``ArgumentError`` naming it and why."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as err:
+        raise ArgumentError(
+            f"device {device!r} is not a torch device (e.g. cpu, cuda, cuda:1, mps): {err}"
+        ) from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ArgumentError(f"device {device!r}: CUDA is not available on this machine; use --device cpu")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ArgumentError(
+                f"device {device!r}: this machine has {torch.cuda.device_count()} CUDA device(s)"
+            )
+    elif dev.type == "mps" and not torch.backends.mps.is_available():
+        raise ArgumentError(f"device {device!r}: MPS is not available on this machine; use --device cpu")
+    return device
+
+
+def check_trainable(data: CTRDataset) -> None:
+    """Refuse a data set whose validation or test split is empty or of one class: early stopping
+    and the scores need an AUC, which needs both a positive and a negative row."""
+    n_rows = len(data.train) + len(data.valid) + len(data.test)
+    if len(data.valid) == 0 or len(data.test) == 0:
+        raise ArgumentError(
+            f"{data.name} has {n_rows} rows: the 8:1:1 split needs at least {MIN_ROWS} rows for a "
+            f"non-empty validation and test split (sizes now {split_sizes(n_rows)})"
+        )
+    for name, split in (("validation", data.valid), ("test", data.test)):
+        positives = int(split.labels.sum())
+        if positives in (0, len(split)):
+            raise ArgumentError(
+                f"{data.name}: the {name} split ({len(split)} rows) has only one class "
+                f"({positives} positive): its AUC is undefined; use more rows or another --split-seed"
+            )
 
 
 @dataclass(frozen=True)
@@ -38,8 +85,14 @@ class TrainConfig:
         for name in ("batch_size", "max_epochs", "patience"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("lr", "weight_decay"):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and math.isfinite(value)):
+                raise ValueError(f"{name} must be a finite number, got {value!r}")
         if not self.lr > 0:
             raise ValueError(f"lr must be > 0, got {self.lr}")
+        if self.weight_decay < 0:
+            raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay}")
 
 
 @dataclass
@@ -53,12 +106,16 @@ class TrainResult:
     test_logloss: float
     config: TrainConfig
     history: list[dict] = field(default_factory=list)
+    train_auc: float = math.nan
+    train_auc_rows: str = ""
 
     def summary(self) -> dict:
         return {
             "best_epoch": self.best_epoch,
             "valid_auc": self.valid_auc,
             "test_auc": self.test_auc,
+            "train_auc": self.train_auc,
+            "train_auc_rows": self.train_auc_rows,
             "test_logloss": self.test_logloss,
             "epochs_run": len(self.history),
             "train": asdict(self.config),
@@ -92,11 +149,28 @@ def build(name: str, config: TrainConfig, **model_config) -> nn.Module:
         return models.create(name, **model_config)
 
 
+def _train_sample(train: Split, seed: int) -> tuple[Split, str]:
+    """The training rows scored for the training-set AUC, and a description of them for the meta."""
+    n = len(train)
+    if n <= TRAIN_AUC_ROWS:
+        return train, f"all {n} training rows"
+    rows = torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:TRAIN_AUC_ROWS].sort().values
+    sample = Split(tuple(t[rows] for t in train.inputs), train.labels[rows])
+    return sample, f"a fixed sample of {TRAIN_AUC_ROWS} of {n} training rows (seed {seed})"
+
+
 def fit(
     model: nn.Module, data: CTRDataset, config: TrainConfig | None = None, *, progress: bool = True
 ) -> TrainResult:
-    """Train ``model`` on ``data.train`` with early stopping on ``data.valid`` AUC."""
+    """Train ``model`` on ``data.train`` with early stopping on ``data.valid`` AUC.
+
+    Each epoch ends with one line ``epoch N: loss L, valid AUC A, T s`` (the progress task's final
+    description, printed also when stdout is not a terminal). The result also holds the best
+    model's AUC on the training rows (or a fixed sample of them, see ``TRAIN_AUC_ROWS``).
+    """
     config = config or TrainConfig()
+    check_device(config.device)
+    check_trainable(data)
     model.to(config.device)
     opt = torch.optim.Adam(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     loss_fn = nn.BCEWithLogitsLoss()
@@ -109,6 +183,7 @@ def fit(
         torch.manual_seed(config.seed)
         for epoch in range(config.max_epochs):
             task = bar.add_task(f"epoch {epoch}", total=n_batches)
+            began = time.perf_counter()
             model.train()
             total, count = 0.0, 0
             for inputs, labels in data.train.batches(config.batch_size, shuffle=True, generator=gen):
@@ -123,8 +198,12 @@ def fit(
                 bar.advance(task)
             valid_auc = metrics.auc(predict(model, data.valid), data.valid.labels)["auc"]
             history.append({"epoch": epoch, "train_loss": total / max(count, 1), "valid_auc": valid_auc})
+            seconds = time.perf_counter() - began
+            history[-1]["seconds"] = seconds
             bar.update(
-                task, description=f"epoch {epoch}: loss {total / max(count, 1):.4f} valid AUC {valid_auc:.4f}"
+                task,
+                description=f"epoch {epoch}: loss {total / max(count, 1):.4f}, valid AUC {valid_auc:.4f}, "
+                f"{seconds:.1f} s",
             )
             if valid_auc > best_auc:
                 best_auc, best_epoch, stale = valid_auc, epoch, 0
@@ -138,4 +217,8 @@ def fit(
     model.eval()
     logits = predict(model, data.test)
     test = metrics.score(logits, data.test.labels)
-    return TrainResult(model, best_epoch, best_auc, test["auc"], test["logloss"], config, history)
+    sample, described = _train_sample(data.train, config.seed)
+    train_auc = metrics.auc(predict(model, sample), sample.labels)["auc"]
+    return TrainResult(
+        model, best_epoch, best_auc, test["auc"], test["logloss"], config, history, train_auc, described
+    )

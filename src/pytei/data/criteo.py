@@ -27,6 +27,11 @@ A cache is valid while the source's size, modification time (ns) and the sha256 
 last MiB match what ``meta.json`` recorded; a change of any rebuilds it. This reads 2 MiB instead of
 hashing ~11 GB on every load, and errs towards rebuilding (a touched or copied file rebuilds).
 ``fingerprint`` hashes the full bytes used (computed during the build, kept in ``meta.json``).
+
+Integrity of the cache itself: ``meta.json`` records each array's size in bytes and sha256, and
+every load checks them and that every label is 0 or 1. A missing, truncated or altered array
+rebuilds the cache with a ``UserWarning`` naming the file (hashing reads the arrays once, about
+14 GB for the full data set: the price of never training or scoring on a silently corrupted cache).
 """
 
 from __future__ import annotations
@@ -34,10 +39,12 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import numbers
 import os
 import re
 import shutil
 import tempfile
+import warnings
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -74,7 +81,8 @@ N_FIELDS = N_INT + N_CAT
 N_COLS = 1 + N_FIELDS
 COLUMNS = ["label", *(f"I{i}" for i in range(1, N_INT + 1)), *(f"C{i}" for i in range(1, N_CAT + 1))]
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: meta.json records the arrays' sizes and sha256
+ARRAYS = ("labels.npy", "dense.npy", "fields.npy")
 BLOCK_BYTES = 32 << 20
 MIB = 1 << 20
 MISSING_INT = np.iinfo(np.int64).min  # key of an empty integer field
@@ -424,6 +432,7 @@ def _build(path: Path, final: Path, params: dict[str, Any]) -> dict[str, Any]:
             "params": params,
             "n_rows": n_rows,
             "field_dims": [int(v.size) + 1 for v in vocabs],
+            "arrays": {name: _array_record(tmp / name) for name in ARRAYS},
         }
         (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
         if final.exists():
@@ -435,13 +444,63 @@ def _build(path: Path, final: Path, params: dict[str, Any]) -> dict[str, Any]:
     return meta
 
 
+def _array_record(path: Path) -> dict[str, Any]:
+    """Size in bytes and sha256 of a cached array file (recorded at build, checked at load)."""
+    with open(path, "rb") as f:
+        return {"bytes": path.stat().st_size, "sha256": hashlib.file_digest(f, "sha256").hexdigest()}
+
+
+def _cache_damage(cache: Path, meta: dict[str, Any]) -> str | None:
+    """Why the cached arrays cannot be trusted (naming the file), or None when they are intact."""
+    records = meta.get("arrays")
+    if not isinstance(records, dict) or set(records) != set(ARRAYS):
+        return f"{cache / 'meta.json'} records no checksums of the arrays"
+    for name in ARRAYS:
+        file = cache / name
+        if not file.is_file():
+            return f"{file} is missing"
+        size = file.stat().st_size
+        if size != records[name].get("bytes"):
+            return (
+                f"{file} has {size} bytes, {records[name].get('bytes')} were written (truncated or altered)"
+            )
+        if _array_record(file)["sha256"] != records[name].get("sha256"):
+            return f"{file} differs from the sha256 recorded when it was built"
+    try:
+        labels = np.load(cache / "labels.npy", mmap_mode="r")
+    except ValueError as err:
+        return f"{cache / 'labels.npy'} cannot be read: {err}"
+    if labels.shape != (meta.get("n_rows"),) or not bool(((labels == 0) | (labels == 1)).all()):
+        return f"{cache / 'labels.npy'} holds labels other than 0 and 1 or the wrong number of rows"
+    return None
+
+
 def _read_meta(cache: Path, path: Path, params: dict[str, Any]) -> dict[str, Any] | None:
-    """The cache's metadata if it was built from the current ``path`` with ``params``, else None."""
+    """The cache's metadata if it was built from the current ``path`` with ``params`` and its arrays
+    are intact, else None (a damaged cache also warns, naming the file)."""
     try:
         meta = json.loads((cache / "meta.json").read_text())
     except (OSError, ValueError):
         return None
-    return meta if meta.get("params") == params and meta.get("source") == _signature(path) else None
+    if not isinstance(meta, dict) or meta.get("params") != params or meta.get("source") != _signature(path):
+        return None
+    damage = _cache_damage(cache, meta)
+    if damage is not None:
+        warnings.warn(f"criteo cache: {damage}; rebuilding it from {path}", UserWarning, stacklevel=3)
+        return None
+    return meta
+
+
+def _check_options(min_threshold: object, max_rows: object) -> None:
+    """Refuse a ``min_threshold`` or ``max_rows`` that is not a whole number in range (bools too)."""
+
+    def whole(value: object) -> bool:
+        return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+    if not whole(min_threshold) or min_threshold < 1:  # type: ignore[operator]
+        raise ValueError(f"min_threshold must be an integer >= 1, got {min_threshold!r}")
+    if max_rows is not None and (not whole(max_rows) or max_rows < 1):  # type: ignore[operator]
+        raise ValueError(f"max_rows must be an integer >= 1 or null, got {max_rows!r}")
 
 
 def _tensor(path: Path) -> torch.Tensor:
@@ -469,15 +528,12 @@ def load_criteo(
     path = Path(data_dir) / FILE
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found: {expected}")
-    if min_threshold < 1:
-        raise ValueError(f"min_threshold must be >= 1, got {min_threshold}")
-    if max_rows is not None and max_rows < 1:
-        raise ValueError(f"max_rows must be >= 1 or None, got {max_rows}")
+    _check_options(min_threshold, max_rows)
     params: dict[str, Any] = {
         "version": CACHE_VERSION,
         "file": FILE,
-        "min_threshold": min_threshold,
-        "max_rows": max_rows,
+        "min_threshold": int(min_threshold),
+        "max_rows": None if max_rows is None else int(max_rows),
         "seed": seed,
     }
     if cache_dir is not None:  # a shared folder may serve several files; DIR/.pytei-cache moves with DIR

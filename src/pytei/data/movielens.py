@@ -13,7 +13,12 @@ movielens-latest    ``ratings.csv``  as 20m (ml-latest and ml-latest-small)
 
 Indices are the raw ids and ``field_dims = max id + 1`` per field (ids are 1-based, so row 0 of each
 embedding is unused); raw ids are not remapped to contiguous indices, which keeps the paper's
-parameter counts (e.g. 4.59M for FM on ML-20M, whose movieIds reach 131262 for 27K movies).
+parameter counts (e.g. 4.59M for FM on ML-20M, whose movieIds reach 131262 for 27K movies). As a raw
+id is an embedding row, ids above ``MAX_ID`` (2^31 - 1, far above any GroupLens release) are refused
+naming the line: they would wrap in int64 or ask for an embedding table of that many rows.
+
+Ratings must lie on the release's scale (``Variant.scale``): whole stars 1..5 for 100k and 1m,
+half stars 0.5..5 for 20m and latest; any other value is refused naming the file and line.
 """
 
 from __future__ import annotations
@@ -44,16 +49,37 @@ class Variant:
     sep: str
     header: str | None
     url: str
+    scale: tuple[float, ...]  # every rating the release uses
 
+    def scale_text(self) -> str:
+        step = self.scale[1] - self.scale[0]
+        return f"{self.scale[0]:g} to {self.scale[-1]:g} in steps of {step:g}"
+
+
+WHOLE_STARS = (1.0, 2.0, 3.0, 4.0, 5.0)
+HALF_STARS = tuple(k / 2 for k in range(1, 11))
+MAX_ID = 2**31 - 1
 
 VARIANTS = {
-    "100k": Variant("u.data", "\t", None, "https://files.grouplens.org/datasets/movielens/ml-100k.zip"),
-    "1m": Variant("ratings.dat", "::", None, "https://files.grouplens.org/datasets/movielens/ml-1m.zip"),
+    "100k": Variant(
+        "u.data", "\t", None, "https://files.grouplens.org/datasets/movielens/ml-100k.zip", WHOLE_STARS
+    ),
+    "1m": Variant(
+        "ratings.dat", "::", None, "https://files.grouplens.org/datasets/movielens/ml-1m.zip", WHOLE_STARS
+    ),
     "20m": Variant(
-        "ratings.csv", ",", CSV_HEADER, "https://files.grouplens.org/datasets/movielens/ml-20m.zip"
+        "ratings.csv",
+        ",",
+        CSV_HEADER,
+        "https://files.grouplens.org/datasets/movielens/ml-20m.zip",
+        HALF_STARS,
     ),
     "latest": Variant(
-        "ratings.csv", ",", CSV_HEADER, "https://files.grouplens.org/datasets/movielens/ml-latest.zip"
+        "ratings.csv",
+        ",",
+        CSV_HEADER,
+        "https://files.grouplens.org/datasets/movielens/ml-latest.zip",
+        HALF_STARS,
     ),
 }
 
@@ -78,12 +104,22 @@ def _diagnose(path: Path, data: bytes, variant: Variant) -> None:
         for name, text in zip(("user id", "item id"), fields[:2], strict=True):
             if not _NON_NEGATIVE_INT.fullmatch(text):
                 raise DataFileError(path, number, f"{name} must be a non-negative integer, got {text!r}")
+            if int(text) > MAX_ID:
+                raise DataFileError(
+                    path, number, f"{name} {text} is out of range: ids index embedding rows, at most {MAX_ID}"
+                )
         try:
-            rating_ok = math.isfinite(float(fields[2]))
+            rating = float(fields[2])
         except ValueError:
-            rating_ok = False
-        if not rating_ok:
+            rating = math.nan
+        if not math.isfinite(rating):
             raise DataFileError(path, number, f"rating must be a number, got {fields[2]!r}")
+        if rating not in variant.scale:
+            raise DataFileError(
+                path,
+                number,
+                f"rating {fields[2]} is not on the scale of {path.name} ({variant.scale_text()})",
+            )
         if not _INT.fullmatch(fields[3]):
             raise DataFileError(path, number, f"timestamp must be an integer, got {fields[3]!r}")
 
@@ -126,17 +162,22 @@ def read_ratings(path: Path, variant: Variant) -> tuple[np.ndarray, np.ndarray, 
         )
     except (pd.errors.ParserError, pd.errors.EmptyDataError, ValueError):
         frame = None
-    if frame is None or not _valid(frame):
+    if frame is None or not _valid(frame, variant):
         _diagnose(path, data, variant)
         raise DataFileError(path, skip + 1, "could not be parsed as MovieLens ratings")
     ids = np.stack([frame["user"].to_numpy(np.int64), frame["item"].to_numpy(np.int64)], axis=1)
     return ids, frame["rating"].to_numpy(dtype=np.float64), hashlib.sha256(data).hexdigest()
 
 
-def _valid(frame: pd.DataFrame) -> bool:
-    """Integer non-negative ids, finite ratings, integer timestamps, at least one row."""
-    ids_ok = all(frame[c].dtype.kind in "iu" and (frame[c] >= 0).all() for c in ("user", "item"))
-    rating_ok = frame["rating"].dtype.kind in "iuf" and bool(np.isfinite(frame["rating"].to_numpy()).all())
+def _valid(frame: pd.DataFrame, variant: Variant) -> bool:
+    """Integer ids in [0, MAX_ID], ratings on the variant's scale, integer timestamps, at least one row."""
+    ids_ok = all(
+        frame[c].dtype.kind in "iu" and bool(((frame[c] >= 0) & (frame[c] <= MAX_ID)).all())
+        for c in ("user", "item")
+    )
+    rating_ok = frame["rating"].dtype.kind in "iuf" and bool(
+        np.isin(frame["rating"].to_numpy(np.float64), np.array(variant.scale)).all()
+    )
     return len(frame) > 0 and ids_ok and rating_ok and frame["timestamp"].dtype.kind in "iu"
 
 
