@@ -593,7 +593,7 @@ class ECC(Protection):
 
     def __init__(self, on_detect: str = "zero") -> None:
         if on_detect not in ON_DETECT:
-            raise ValueError(f"ECC on_detect must be one of {', '.join(ON_DETECT)}, got {on_detect!r}")
+            raise ArgumentError(f"ECC on_detect must be one of {', '.join(ON_DETECT)}, got {on_detect!r}")
         self.on_detect = on_detect
         self._stats: dict = {}
         self._record = FaultMap({}, {}, {}, {})

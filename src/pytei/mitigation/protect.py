@@ -11,6 +11,7 @@ from collections.abc import Sequence
 
 from ..bits import BitLayout, bit_values, popcount
 from ..errors import ErrorModel, Faults, Words
+from ..exceptions import ArgumentError
 from ..injector import Protection
 
 __all__ = ["ProtectBits"]
@@ -22,15 +23,19 @@ def default_bits(lay: BitLayout) -> tuple[int, ...]:
 
 
 class ProtectBits(Protection):
-    """Mask the protected bit positions out of every fault; ``bits=None`` uses :func:`default_bits`."""
+    """Mask the protected bit positions out of every fault; ``bits=None`` uses :func:`default_bits`.
+
+    Positions are bits of each stored element (0..width-1); there are no check bits, so error
+    models naming ECC check positions 64..71 are refused under ProtectBits as without protection.
+    """
 
     def __init__(self, bits: Sequence[int] | None = None) -> None:
         if bits is not None:
             bits = tuple(bits)
             if not bits or any(isinstance(b, bool) or not isinstance(b, int) or b < 0 for b in bits):
-                raise ValueError(f"ProtectBits bits must be non-negative ints, got {bits!r}")
+                raise ArgumentError(f"ProtectBits bits must be non-negative ints, got {bits!r}")
             if len(set(bits)) != len(bits):
-                raise ValueError(f"ProtectBits bits must be distinct, got {bits!r}")
+                raise ArgumentError(f"ProtectBits bits must be distinct, got {bits!r}")
         self.bits = bits
         self._stats: dict = {}
 
@@ -42,7 +47,7 @@ class ProtectBits(Protection):
         bits = default_bits(lay) if self.bits is None else self.bits
         bad = [b for b in bits if b >= lay.width]
         if bad:
-            raise ValueError(
+            raise ArgumentError(
                 f"ProtectBits: bits {bad} do not exist in {name} ({lay.dtype}, {lay.width} bits)"
             )
         return bits
