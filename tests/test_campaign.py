@@ -239,3 +239,19 @@ def test_cache_budget_flag(spec_path, tmp_path, monkeypatch, capsys):
     with pytest.raises(SystemExit) as exit_:
         main(["campaign", "run", str(spec_path), "--db", str(tmp_path / "c.db"), "--cache-budget", "lots"])
     assert exit_.value.code == 2 and "cache budget 'lots' is not a size" in capsys.readouterr().err
+
+
+def test_the_trial_count_is_printed_before_planning(spec_path, tmp_path, capsys, monkeypatch):
+    import pytei.campaign.execute as execute
+
+    spec = load_spec(spec_path)
+    made = []
+    real = execute.iter_plan
+
+    def watched(*args, **kwargs):
+        made.append(capsys.readouterr().err)  # what was printed before the first trial was made
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(execute, "iter_plan", watched)
+    run_campaign(spec, tmp_path / "p.db", base_dir=spec_path.parent, progress=True)
+    assert made and f"campaign tiny: {len(plan(spec))} trials planned" in made[0]

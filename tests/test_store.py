@@ -25,6 +25,7 @@ from pytei.campaign.store import (
     DuplicateTrial,
     SpecMismatch,
     Store,
+    StoreError,
     TrialRow,
 )
 
@@ -451,3 +452,43 @@ def test_export_unknown_format(db: Path, tmp_path: Path) -> None:
     Store(db).close()
     with pytest.raises(ValueError, match="unknown export format"):
         results.export(db, tmp_path / "x.json", fmt="json")
+
+
+# --- issue 15: read-only opening, WAL checkpoints, claims ----------------------------------------
+
+
+def test_a_read_only_store_reads_and_refuses_writes(db: Path) -> None:
+    with Store(db) as store:
+        store.record(make_row(1))
+    with Store(db, create=False, readonly=True) as store:
+        assert [r["trial_id"] for r in store.rows()] == [make_row(1).trial_id]
+        with pytest.raises(StoreError, match="read-only"):
+            store.record(make_row(2))
+    with pytest.raises(FileNotFoundError):
+        Store(db.with_name("missing.db"), readonly=True)
+
+
+def test_closing_a_writer_folds_the_wal_into_the_main_file(db: Path) -> None:
+    reader = sqlite3.connect(db)  # keeps the file open: closing the writer alone does not fold it in
+    try:
+        with Store(db) as store:
+            store.record_many([make_row(i) for i in range(5)])
+        wal = Path(f"{db}-wal")
+        assert not wal.exists() or wal.stat().st_size == 0
+        copy = db.with_name("copy.db")
+        copy.write_bytes(db.read_bytes())
+        with Store(copy, create=False, readonly=True) as store:
+            assert len(store.rows()) == 5
+    finally:
+        reader.close()
+
+
+def test_claims_are_exclusive_between_live_runners(db: Path) -> None:
+    with Store(db) as a, Store(db) as b:
+        first, second = a.join(), b.join()
+        ids = [f"t{i}" for i in range(6)]
+        assert a.claim(ids[:4], first) == (ids[:4], 0, 0)
+        assert b.claim(ids, second) == (ids[4:], 0, 4)  # this process is alive: its claims hold
+        a.leave(first)
+        assert b.claim(ids, second) == (ids, 0, 0)
+        assert a.claimed() == 6

@@ -246,10 +246,20 @@ class Store:
         self._checkpointed = time.monotonic()
         self._con = self._connect("ro" if readonly else "rwc" if create else "rw")
         try:
-            self._open(create and not readonly)
+            migrate = self._open(create and not readonly)
         except BaseException:
             self._con.close()
             raise
+        if migrate:  # a schema-1 file opened read-only: migrate it (a writer), then read it
+            self._con.close()
+            try:
+                Store(self.path, create=False).close()
+            except StoreError as err:
+                raise StoreError(
+                    f"{self.path} has results schema version 1, which must be migrated before it is "
+                    f"read, and it cannot be written ({err}): copy it to a writable folder"
+                ) from err
+            self._con = self._connect("ro")
 
     def _connect(self, mode: str) -> sqlite3.Connection:
         """A connection in ``mode`` (``ro``, ``rw``, ``rwc``). Read-only, a WAL-mode file whose folder
@@ -274,9 +284,9 @@ class Store:
             )
         return sqlite3.connect(f"{uri}&immutable=1", uri=True, timeout=BUSY_TIMEOUT_S, isolation_level=None)
 
-    def _open(self, create: bool) -> None:
+    def _open(self, create: bool) -> bool:
         """Check that the file is a pytei database (or empty), then switch to WAL, create the schema
-        or migrate an older one (a writer only)."""
+        or migrate an older one (a writer only). True: a schema-1 file opened read-only (to migrate)."""
         try:
             tables = {r[0] for r in self._con.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
             meta = (
@@ -290,12 +300,7 @@ class Store:
         if meta is None and (tables or not create):
             raise StoreError(f"{self.path} is not a pytei results database (no pytei tables)")
         if self.readonly:
-            if version == 1:
-                raise StoreError(
-                    f"{self.path} has results schema version 1, which is migrated when opened for "
-                    "writing: open it once where it is writable (e.g. pytei campaign status on a copy)"
-                )
-            return
+            return version == 1
         try:
             self._con.execute("PRAGMA journal_mode = WAL")
         except sqlite3.OperationalError as err:
@@ -309,6 +314,7 @@ class Store:
         elif not {"runners", "claims"} <= tables:  # a version 2 file of an older pytei
             with self._write():
                 self._create_schema()
+        return False
 
     def _cannot_write(self, err: sqlite3.OperationalError) -> Exception:
         """A pytei error for a database that cannot be written (a read-only file or folder)."""
