@@ -321,3 +321,21 @@ def test_flipcount_under_ecc_reaches_every_codeword_bit():
 def test_protect_bits_has_no_check_bits():
     with pytest.raises(ArgumentError, match=r"bit positions \[66\] do not exist in torch.float32"):
         pytei.inject(linear(), BitFlip(0.1, bits=[66]), seed=0, protect=ProtectBits()).__enter__()
+
+
+def test_flipcount_under_ecc_is_uniform_over_the_72_codeword_positions():
+    m = nn.Module()
+    m.w = nn.Parameter(torch.randn(8, dtype=torch.float64))  # 8 codewords
+    hist = torch.zeros(72, dtype=torch.float64)
+    for seed in range(400):
+        ecc = ECC("flag")
+        with pytei.inject(m, FlipCount(4), seed=seed, protect=ecc):
+            pass
+        faults = ecc.fault_map.faults
+        if "w" in faults:
+            hist[:64] += bit_histogram(faults["w"].mask, 64).double()
+        if "w#ecc" in faults:
+            hist[64:] += bit_histogram(faults["w#ecc"].mask, 8).double()
+    assert int(hist.sum()) == 1600
+    chi2 = float(((hist - hist.mean()) ** 2 / hist.mean()).sum())
+    assert chi2 < stats.chi2.isf(1e-6, 71)

@@ -40,7 +40,18 @@ from dataclasses import dataclass
 import torch
 
 from ..bits import BitLayout, bit_values, layout, popcount
-from ..errors import BitFlip, BitRates, Burst, ErrorModel, Faults, FlipCount, RandomValue, StuckAt, Words
+from ..errors import (
+    BitFlip,
+    BitRates,
+    Burst,
+    ErrorModel,
+    Faults,
+    FlipCount,
+    RandomValue,
+    StuckAt,
+    Words,
+    merge_bits,
+)
 from ..exceptions import ArgumentError
 from ..faultmap import FaultMap
 from ..injector import Protection
@@ -465,9 +476,8 @@ class _JointCount(CodewordModel):
         elements = torch.cat([e for e, _ in flips]) if flips else torch.empty(0, dtype=torch.int64)
         masks = torch.cat([m for _, m in flips]) if flips else torch.empty(0, dtype=torch.int64)
         keep = keep.sort().values  # flips are sorted by tensor, then element
-        kept_data = [
-            _merge(elements[keep][owner[keep] == i], masks[keep][owner[keep] == i]) for i in range(len(flips))
-        ]
+        elements, masks, owner = elements[keep], masks[keep], owner[keep]
+        kept_data = [merge_bits(elements[owner == i], masks[owner == i]) for i in range(len(flips))]
         table = (
             _CHECK_LAYOUT_BITS[torch.tensor(check_positions, dtype=torch.int64)] if check_positions else None
         )
@@ -480,7 +490,7 @@ class _JointCount(CodewordModel):
                 kept_check.append(Faults.none())
                 continue
             nb = table.numel()
-            kept_check.append(_merge(local // nb, table[local % nb]))
+            kept_check.append(merge_bits(local // nb, table[local % nb]))
         return kept_data, kept_check
 
 
@@ -496,14 +506,6 @@ def _single_bits(f: Faults, width: int) -> tuple[torch.Tensor, torch.Tensor]:
     hit = ((f.mask.unsqueeze(1) >> torch.arange(width, dtype=torch.int64)) & 1).bool()
     row, bit = hit.nonzero(as_tuple=True)
     return f.index[row], values[bit]
-
-
-def _merge(elements: torch.Tensor, masks: torch.Tensor) -> Faults:
-    """Single-bit masks (sorted by element, distinct) -> one XOR mask per element."""
-    if not elements.numel():
-        return Faults.none()
-    index, inverse = torch.unique_consecutive(elements, return_inverse=True)
-    return Faults(index, torch.zeros(index.numel(), dtype=torch.int64).index_add_(0, inverse, masks))
 
 
 @extend(Burst)
