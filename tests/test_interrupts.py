@@ -158,3 +158,41 @@ def test_injection_into_a_model_another_thread_holds_is_refused_clearly():
     with pytei.inject(model, BitFlip(1e-2), seed=8):  # free again
         pass
     assert parameter_digest(model) == clean
+
+
+def test_restore_from_another_thread_than_apply():
+    model = _small()
+    clean = parameter_digest(model)
+    before = signal.getsignal(signal.SIGINT)
+    injector = Injector(BitFlip(1e-2), seed=9)
+    injector.apply(model)
+    errors: list[BaseException] = []
+
+    def restore() -> None:
+        try:
+            injector.restore()
+        except BaseException as err:  # noqa: BLE001 - reported below
+            errors.append(err)
+
+    thread = threading.Thread(target=restore)
+    thread.start()
+    thread.join()
+    assert not errors and parameter_digest(model) == clean and not injector.active
+    handler = signal.getsignal(signal.SIGINT)
+    assert handler is before or handler.installed is False  # left in place, only forwarding
+    signal.signal(signal.SIGINT, before)
+
+
+def test_nested_injections_restore_exactly_and_put_the_handler_back():
+    model = _small()
+    clean = parameter_digest(model)
+    before = signal.getsignal(signal.SIGINT)
+    with (
+        pytest.raises(KeyboardInterrupt),
+        pytei.inject(model, BitFlip(1e-2), seed=1),
+        pytei.inject(model, BitFlip(1e-2), seed=2),
+    ):
+        assert parameter_digest(model) != clean
+        os.kill(os.getpid(), signal.SIGINT)  # a Ctrl-C in the innermost block goes through at once
+        pytest.fail("the Ctrl-C must interrupt the block")
+    assert parameter_digest(model) == clean and signal.getsignal(signal.SIGINT) is before

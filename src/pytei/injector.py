@@ -149,7 +149,8 @@ class _Guard:
         if not self.installed:
             return
         previous = self.previous if self.previous is not None else signal.SIG_DFL
-        if signal.getsignal(signal.SIGINT) is self:  # else a handler set later stays in place
+        main = threading.current_thread() is threading.main_thread()  # only it may set handlers
+        if main and signal.getsignal(signal.SIGINT) is self:  # else it stays, forwarding every Ctrl-C
             signal.signal(signal.SIGINT, previous)  # type: ignore[arg-type]
         self.installed = False
         if self.pending:
