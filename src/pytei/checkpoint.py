@@ -12,7 +12,6 @@ half-written file under the final names.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import platform
@@ -26,6 +25,7 @@ from torch import nn
 from . import models
 from .data import CTRDataset
 from .data import load as load_data
+from .data.dataset import file_sha256
 from .exceptions import CheckpointError
 
 __all__ = ["Checkpoint", "save_checkpoint", "load_checkpoint", "weights_sha256", "WEIGHTS", "META"]
@@ -44,8 +44,7 @@ _REQUIRED: dict[str, tuple[str, ...]] = {
 
 def weights_sha256(path: str | Path) -> str:
     """sha256 hex of a weights file (what the metadata records and loading verifies)."""
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
+    return file_sha256(path)
 
 
 @dataclass
@@ -129,7 +128,12 @@ def _read_meta(directory: Path) -> dict:
         raise CheckpointError(f"{path}: not a {_FORMAT} file (format={found!r})")
     for section, keys in _REQUIRED.items():
         if not isinstance(meta.get(section), dict):
-            raise CheckpointError(f"{path}: the key {section!r} is missing or not an object")
+            hint = (
+                " (saved before pytei recorded its weights' sha256: retrain it)"
+                if section == "weights"
+                else ""
+            )
+            raise CheckpointError(f"{path}: the key {section!r} is missing or not an object{hint}")
         missing = [key for key in keys if key not in meta[section]]
         if missing:
             raise CheckpointError(

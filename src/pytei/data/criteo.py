@@ -65,6 +65,7 @@ from .dataset import (
     DataFileError,
     Split,
     check_layout,
+    file_sha256,
     fingerprint,
     split_assignment,
     split_sizes,
@@ -446,8 +447,7 @@ def _build(path: Path, final: Path, params: dict[str, Any]) -> dict[str, Any]:
 
 def _array_record(path: Path) -> dict[str, Any]:
     """Size in bytes and sha256 of a cached array file (recorded at build, checked at load)."""
-    with open(path, "rb") as f:
-        return {"bytes": path.stat().st_size, "sha256": hashlib.file_digest(f, "sha256").hexdigest()}
+    return {"bytes": path.stat().st_size, "sha256": file_sha256(path)}
 
 
 def _cache_damage(cache: Path, meta: dict[str, Any]) -> str | None:

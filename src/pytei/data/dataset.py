@@ -26,6 +26,7 @@ __all__ = [
     "DataFileError",
     "Split",
     "check_layout",
+    "file_sha256",
     "fingerprint",
     "make_splits",
     "split_assignment",
@@ -144,6 +145,15 @@ def make_splits(inputs: Sequence[np.ndarray], labels: np.ndarray, seed: int) -> 
         tensors = tuple(torch.from_numpy(a[rows]) for a in inputs)
         splits.append(Split(tensors, torch.from_numpy(labels[rows].astype(np.float32, copy=False))))
     return splits[0], splits[1], splits[2]
+
+
+def file_sha256(path: str | os.PathLike[str], block: int = 1 << 20) -> str:
+    """sha256 hex of a file's bytes, read in ``block``-byte pieces (``hashlib.file_digest`` is 3.11+)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while piece := f.read(block):
+            digest.update(piece)
+    return digest.hexdigest()
 
 
 def fingerprint(name: str, source_sha256: str, params: dict[str, Any]) -> str:
