@@ -24,7 +24,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
-from contextlib import suppress
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -168,6 +168,24 @@ def _die_with_parent(parent: int) -> None:
     threading.Thread(target=watch, name="pytei-parent-watch", daemon=True).start()
 
 
+@contextmanager
+def _sigint_ignored() -> Iterator[None]:
+    """Ignore SIGINT in this process meanwhile (the main thread only: elsewhere it cannot be set);
+    processes started meanwhile inherit the ignored disposition from their first instruction."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    old = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, old)
+
+
+def _ready() -> None:
+    """A no-op task: submitting it starts a worker."""
+
+
 def _init_process(plugin_modules: tuple[str, ...], parent: int | None = None) -> None:
     import torch
 
@@ -198,6 +216,9 @@ class ProcessPool:
             initargs=(tuple(plugin_modules), os.getpid()),
         )
         self.workers = workers
+        with _sigint_ignored():  # the workers start with SIGINT ignored: no traceback while importing
+            for _ in range(workers):  # each submit starts one worker while none is idle
+                self.pool.submit(_ready)
 
     def run(self, trials: Iterable[Trial]) -> Iterator[TrialRow]:
         """Rows as chunks finish; at most two chunks per worker are submitted ahead (a stream)."""
