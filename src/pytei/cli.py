@@ -260,24 +260,30 @@ def _cmd_campaign_run(args: argparse.Namespace, console: Console) -> None:
         args.db,
         base_dir=Path(args.spec).parent,
         plugins=tuple(args.plugins),
+        confirm=args.yes,
         **_executor_options(args),
     )
+    elsewhere = f", {result.elsewhere} run by another process" if result.elsewhere else ""
     _say(
         console,
-        f"campaign {spec.name}: {result.ran} trials run now, {result.skipped} already stored, "
+        f"campaign {spec.name}: {result.ran} trials run now, {result.skipped} already stored{elsewhere}, "
         f"{result.failed} failed; {result.planned} planned -> {args.db}",
     )
+    result.check()  # every trial run failed: exit code 2
 
 
 def _cmd_campaign_resume(args: argparse.Namespace, console: Console) -> None:
     from .campaign.execute import resume_campaign
 
     _load_plugins(args)
-    result = resume_campaign(args.db, plugins=tuple(args.plugins), **_executor_options(args))
+    result = resume_campaign(
+        args.db, plugins=tuple(args.plugins), confirm=args.yes, **_executor_options(args)
+    )
     _say(
         console,
         f"resumed: {result.ran} trials run now, {result.skipped} already stored, {result.failed} failed",
     )
+    result.check()  # every trial run failed: exit code 2
 
 
 def _cmd_campaign_status(args: argparse.Namespace, console: Console) -> None:
@@ -285,7 +291,7 @@ def _cmd_campaign_status(args: argparse.Namespace, console: Console) -> None:
 
     if not Path(args.db).is_file():
         raise FileNotFoundError(f"no campaign database at {args.db}")
-    with Store(args.db, create=False) as store:
+    with Store(args.db, create=False, readonly=True) as store:
         spec, counts, timing = store.spec(), store.counts(), store.timing()
     table = Table(title=Text(f"campaign {spec['name'] if spec else '?'} ({args.db})"))
     for col in ("done", "failed", "remaining", "planned", "trials/s", "eta"):
@@ -331,6 +337,7 @@ def _cmd_report(args: argparse.Namespace, console: Console) -> None:
 
 
 def _cmd_reproduce(args: argparse.Namespace, console: Console) -> None:
+    from .compat import parse_flags
     from .reproduce import reproduce
 
     reproduce(
@@ -339,6 +346,7 @@ def _cmd_reproduce(args: argparse.Namespace, console: Console) -> None:
         data_dir=args.data_dir,
         workers=args.workers,
         console=console,
+        compat=parse_flags(args.compat),
         synthetic=args.synthetic,
     )
 
@@ -529,6 +537,16 @@ def build_parser() -> argparse.ArgumentParser:
             help="local worker processes of one torch thread each (0: run in this process)",
         )
         p.add_argument("--ray-address", help="run on Ray: 'local', 'auto' or 'ray://host:port'")
+        p.add_argument(
+            "--yes",
+            action="store_true",
+            help="run a plan of more than 1,000,000 trials (refused otherwise, after printing its size)",
+        )
+        p.epilog = (
+            "exit status: 0 when the campaign ran (some trials may have failed: see 'campaign status'), "
+            "2 on bad input or when every trial run failed (one line names the first error), "
+            "130 on Ctrl-C (resume with 'pytei campaign resume DB')"
+        )
         _plugin_flag(p)
         _threads_flag(p)
         _cache_flag(p)
@@ -563,6 +581,12 @@ def build_parser() -> argparse.ArgumentParser:
         type=_count(0),
         default=0,
         help="local worker processes (one torch thread each) for the campaigns",
+    )
+    p.add_argument(
+        "--compat",
+        metavar="FLAGS",
+        help="also run the CTR study with the original code's defects, comma-separated: "
+        "original-split, original-mask, accumulate (see docs/REPRODUCTION.md)",
     )
     _threads_flag(p)
     _cache_flag(p)

@@ -16,10 +16,12 @@ resumes where it stopped (finished checkpoints and trials are kept).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 import tomli_w
 from rich.console import Console
@@ -28,6 +30,7 @@ from . import models
 from .campaign import parse_spec
 from .campaign.execute import run_campaign
 from .checkpoint import load_checkpoint, save_checkpoint
+from .compat import parse_flags
 from .data import load as load_data
 from .exceptions import ArgumentError
 from .report import write_report
@@ -221,6 +224,77 @@ def _layer_spec(preset: Preset, ckpts: list[Path]) -> SpecData:
     }
 
 
+def _compat_spec(preset: Preset, ckpts: list[Path], flags: tuple[str, ...]) -> SpecData:
+    """The CTR study on the whole model, without mitigations, with the original code's ``flags``
+    (``pytei.compat``): the same seeds, so every setting sees the same draws where they coincide."""
+    data = _checkpoint_models(ckpts, preset.test_rows)
+    if "original-split" in flags:
+        data["data"]["split"] = "original"
+    errors: dict[str, Any] = {"model": "BitFlip", "rates": _bers(*preset.ctr_bers)}
+    extra: SpecData = {}
+    if {"original-mask", "accumulate"} & set(flags):
+        errors.update(
+            model="OriginalBitFlip", mask="original-mask" in flags, accumulate="accumulate" in flags
+        )
+        extra["plugins"] = ["pytei.compat"]
+    return {
+        "name": "compat-" + ("+".join(flags) or "pytei"),
+        **extra,
+        "runs": preset.runs,
+        "targets": [_TARGETS[0]],
+        "metrics": ["auc"],
+        **data,
+        "errors": errors,
+    }
+
+
+def compat_table(frames: dict[str, pd.DataFrame], threshold: float = 0.01) -> pd.DataFrame:
+    """Per model and setting: baseline AUC, failure BER (the lowest whose mean AUC is ``threshold``
+    below the baseline; inf if none) and both against pytei's own (``"pytei"`` in ``frames``)."""
+    rows = []
+    for setting, df in frames.items():
+        ok = df[df.status == "ok"]
+        for model, g in ok.groupby("model"):
+            baseline = float(g.baseline_auc.mean())
+            by_rate = g.groupby("rate").auc.mean()
+            failed = by_rate[by_rate <= baseline - threshold]
+            rows.append(
+                {
+                    "model": model,
+                    "setting": setting,
+                    "baseline_auc": baseline,
+                    "failure_ber": float(failed.index.min()) if len(failed) else float("inf"),
+                }
+            )
+    table = pd.DataFrame(rows)
+    ref = table[table.setting == "pytei"].set_index("model")
+    table["baseline_shift"] = table.baseline_auc - table.model.map(ref.baseline_auc)
+    ratio = table.failure_ber / table.model.map(ref.failure_ber)
+    finite = np.isfinite(ratio) & (ratio > 0)
+    table["failure_decades"] = np.log10(ratio.where(finite, 1.0)).where(finite, np.nan)
+    return table
+
+
+def _compat_markdown(table: pd.DataFrame, flags: tuple[str, ...]) -> str:
+    lines = [
+        "## Compatibility: the original code's defects, measured",
+        "",
+        f"`--compat {','.join(flags)}` (see `pytei.compat`): the same models, data and seeds; the whole "
+        "model, no mitigation. Failure BER: the lowest BER whose mean AUC is 0.01 below the baseline; "
+        "shifts are against pytei's own method.",
+        "",
+        "| model | setting | baseline AUC | shift | failure BER | shift (decades) |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in table.itertuples():
+        decades = "n/a" if not np.isfinite(r.failure_decades) else f"{r.failure_decades:+.1f}"
+        lines.append(
+            f"| {r.model} | {r.setting} | {r.baseline_auc:.4f} | {r.baseline_shift:+.4f} | "
+            f"{r.failure_ber:.0e} | {decades} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
 def spec_text(data: SpecData) -> str:
     """``data`` as a TOML document (written by ``tomli_w``, so any path or label round-trips)."""
     return tomli_w.dumps(data)
@@ -233,13 +307,17 @@ def reproduce(
     data_dir: str | Path | None = None,
     workers: int = 0,
     console: Console | None = None,
+    compat: Sequence[str] = (),
     synthetic: bool = False,
 ) -> Path:
     """Run (or resume) the preset's campaigns under ``out`` and write the report; returns report.md.
 
     ``synthetic``: let the paper preset fall back to the synthetic CTR data set when ``data_dir``
     holds none of the paper's data sets (refused otherwise: the paper grid takes hours).
-    """
+
+    ``compat``: flags of ``pytei.compat.COMPAT_FLAGS``; the CTR study then also runs with each flag
+    alone and with all together, and the report gets a table of what each moves."""
+    flags = parse_flags(",".join(compat))
     if preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}; allowed: {', '.join(PRESETS)}")
     console = console or Console()
@@ -286,5 +364,21 @@ def reproduce(
     report = write_report(
         pd.concat(frames, ignore_index=True), out / "report", title=f"pytei reproduce --preset {preset}"
     )
+    if flags:
+        settings = [(), *((f,) for f in flags), *([flags] if len(flags) > 1 else [])]
+        compat_frames = {}
+        for setting in settings:
+            data = _compat_spec(cfg, ckpts, setting)
+            text = spec_text(data)
+            (out / "specs" / f"{data['name']}.toml").write_text(text, encoding="utf-8")
+            spec = parse_spec(text, out / "specs")
+            console.print(spec.name, style="bold", markup=False, soft_wrap=True)
+            run_campaign(spec, out / f"{data['name']}.db", base_dir=out / "specs", workers=workers)
+            compat_frames["+".join(setting) or "pytei"] = load_results(out / f"{data['name']}.db")
+        section = _compat_markdown(compat_table(compat_frames), flags)
+        (out / "report" / "compat.md").write_text(section, encoding="utf-8")
+        with report.open("a", encoding="utf-8") as f:
+            f.write("\n" + section)
+        console.print(section, markup=False, soft_wrap=True)
     console.print(f"report: {report} and {report.with_suffix('.html')}", markup=False, soft_wrap=True)
     return report

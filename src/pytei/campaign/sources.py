@@ -112,6 +112,19 @@ def _cut(inputs: tuple[torch.Tensor, ...], batch_size: int) -> list[tuple[torch.
     return [tuple(t[i : i + batch_size] for t in inputs) for i in range(0, n, batch_size)]
 
 
+def _original_split(data: Any) -> tuple[tuple[torch.Tensor, ...], torch.Tensor]:
+    """The original PyTEI code's test rows (``pytei reproduce --compat original-split``): as many rows
+    as the test split, drawn from the whole data set, training rows included. The original re-drew
+    them unseeded at every evaluation; one seeded draw per model keeps trials paired."""
+    parts = (data.train, data.valid, data.test)
+    inputs = tuple(torch.cat(ts) for ts in zip(*(p.inputs for p in parts), strict=True))
+    labels = torch.cat([p.labels for p in parts])
+    rows = torch.randperm(labels.shape[0], generator=torch.Generator().manual_seed(0))[
+        : len(data.test.labels)
+    ]
+    return tuple(t[rows] for t in inputs), labels[rows]
+
+
 # --- checkpoints -----------------------------------------------------------------------------------
 
 
@@ -155,8 +168,11 @@ class CheckpointSource:
         ckpt = load_checkpoint(model_spec["checkpoint"])
         if ckpt.data is None:
             raise ValueError(f"checkpoint {model_spec['checkpoint']} was loaded without its data")
-        split = ckpt.data.valid if model_spec.get("split") == "valid" else ckpt.data.test
-        inputs, labels = split.inputs, split.labels
+        if model_spec.get("split") == "original":
+            inputs, labels = _original_split(ckpt.data)
+        else:
+            split = ckpt.data.valid if model_spec.get("split") == "valid" else ckpt.data.test
+            inputs, labels = split.inputs, split.labels
         if model_spec.get("max_rows"):
             inputs = tuple(t[: model_spec["max_rows"]] for t in inputs)
             labels = labels[: model_spec["max_rows"]]

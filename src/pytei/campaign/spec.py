@@ -284,7 +284,8 @@ def _model(value: Any, path: str, *, base: Path) -> ModelEntry:
 
 def _data(value: Any, path: str) -> DataOptions:
     t = Table(value, path, ("split", "max_rows"))
-    return DataOptions(t.get("split", choice(("test", "valid")), "test"), t.get("max_rows", integer(0), 0))
+    split = t.get("split", choice(("test", "valid", "original")), "test")  # original: see sources
+    return DataOptions(split, t.get("max_rows", integer(0), 0))
 
 
 #: Range checks of the built-in error models' non-swept arguments, by argument name (finer messages
