@@ -260,7 +260,7 @@ BAD = [
         'model = "BitFlip"',
         'model = "BitFlp"',
         "errors.model",
-        ["BitFlip, Burst, FlipCount, RandomValue, StuckAt"],
+        ["one of BitFlip, Burst, FlipCount", "RandomValue, StuckAt", "got 'BitFlp'"],  # plugins may add more
     ),
     ("1e-4,", "1.5,", "errors.rates[1]", ["in [0, 1]", "1.5"]),
     ("runs = 2", "runs = 0", "runs", ["int >= 1", "got 0"]),
