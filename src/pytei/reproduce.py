@@ -254,7 +254,7 @@ def compat_table(frames: dict[str, pd.DataFrame], threshold: float = 0.01) -> pd
     rows = []
     for setting, df in frames.items():
         ok = df[df.status == "ok"]
-        for model, g in ok.groupby("model"):
+        for model, g in ok.groupby("model_label" if "model_label" in ok else "model"):  # its display name
             baseline = float(g.baseline_auc.mean())
             by_rate = g.groupby("rate").auc.mean()
             failed = by_rate[by_rate <= baseline - threshold]
