@@ -365,6 +365,27 @@ def test_criteo_truncated_cache_is_rebuilt(tmp_path: Path) -> None:
     assert torch.equal(again.train.inputs[0], first)
 
 
+def test_criteo_altered_array_is_caught_and_an_untouched_one_is_not_rehashed(
+    tmp_path: Path, monkeypatch
+) -> None:
+    from pytei.data import criteo, load
+
+    data_dir = _criteo(tmp_path)
+    first = load("criteo", data_dir, min_threshold=1).train.inputs[0].clone()
+    hashed: list[str] = []
+    real = criteo.file_sha256
+    monkeypatch.setattr(criteo, "file_sha256", lambda path: hashed.append(Path(path).name) or real(path))
+    load("criteo", data_dir, min_threshold=1)
+    assert hashed == []  # nothing written since the build: sizes, times and labels are checked, no 14 GB read
+    fields = _cache(data_dir) / "fields.npy"
+    data = bytearray(fields.read_bytes())
+    data[-1] ^= 0x01  # one flipped bit, same size
+    fields.write_bytes(bytes(data))
+    with pytest.warns(UserWarning, match="fields.npy differs from the sha256"):
+        again = load("criteo", data_dir, min_threshold=1)
+    assert torch.equal(again.train.inputs[0], first)
+
+
 def test_paper_preset_on_an_empty_data_dir_needs_synthetic(tmp_path: Path, monkeypatch, capsys) -> None:
     empty = tmp_path / "empty"
     empty.mkdir()
