@@ -2,7 +2,7 @@
 
 Presets:
 
-* ``quick`` (the README's main job, ~4 minutes on 2 CPU cores): the dummy-model study of Table 1
+* ``quick`` (the README's main job, 2-4 minutes on 2 CPU cores): the dummy-model study of Table 1
   (every hyper-parameter of the grid, BER 1e-8..1e-5, 5 runs) and the five CTR models trained on
   the synthetic CTR data set, swept over BER 1e-7..1e-2 and three targets with every mitigation,
   plus per-bit sensitivity and per-layer vulnerability studies.
