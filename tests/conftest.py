@@ -8,6 +8,20 @@ from torch import nn
 
 from pytei.bits import int_view
 
+#: The smallest campaign spec: one dummy model, one BER, one run (CLI tests).
+TINY_SPEC = """name = "tiny"
+runs = 1
+metrics = ["rmse"]
+
+[[models]]
+dummy = { mlp_depth = 1, mlp_hidden = 64, embed_dim = 64, sparsity = 0.01 }
+samples = 32
+
+[errors]
+model = "BitFlip"
+rates = [1e-5]
+"""
+
 
 def snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
     """Integer-view copies of every parameter and buffer (NaN-safe, bit-exact comparison)."""

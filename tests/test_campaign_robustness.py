@@ -251,6 +251,27 @@ def _alive(pid: int) -> bool:
     return state != "Z"
 
 
+def _wait_for_trials(db: Path, at_least: int, timeout: float = 40.0) -> bool:
+    """Wait until ``db`` has its trials table holding ``at_least`` trials; whether that happened in time."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if db.exists():
+            with sqlite3.connect(db) as con:
+                n = con.execute("SELECT COUNT(*) FROM sqlite_master WHERE name = 'trials'").fetchone()[0]
+                if n and con.execute("SELECT COUNT(*) FROM trials").fetchone()[0] >= at_least:
+                    return True
+        time.sleep(0.1)
+    return False
+
+
+def _survivors(workers: set[int], timeout: float = 5.0) -> list[int]:
+    """The ``workers`` still alive after waiting up to ``timeout`` seconds for them to end."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and any(_alive(w) for w in workers):
+        time.sleep(0.1)
+    return [w for w in workers if _alive(w)]
+
+
 @pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs /proc")
 def test_kill_9_of_the_parent_leaves_no_worker(tmp_path: Path) -> None:
     path = write_spec(tmp_path, runs=5000)
@@ -260,24 +281,13 @@ def test_kill_9_of_the_parent_leaves_no_worker(tmp_path: Path) -> None:
     parent = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     workers: set[int] = set()
     try:
-        deadline = time.monotonic() + 40
-        while time.monotonic() < deadline:
-            if db.exists():
-                with sqlite3.connect(db) as con:
-                    n = con.execute("SELECT COUNT(*) FROM sqlite_master WHERE name = 'trials'").fetchone()[0]
-                    if n and con.execute("SELECT COUNT(*) FROM trials").fetchone()[0] >= 20:
-                        break
-            time.sleep(0.1)
-        else:
+        if not _wait_for_trials(db, 20):
             pytest.fail("the campaign stored no trials")
         workers = _children(parent.pid)
         assert len(workers) >= 2
         parent.kill()
         parent.wait()
-        deadline = time.monotonic() + 5
-        while time.monotonic() < deadline and any(_alive(w) for w in workers):
-            time.sleep(0.1)
-        assert not [w for w in workers if _alive(w)]
+        assert not _survivors(workers)
     finally:
         parent.kill()
         for w in workers:
@@ -293,14 +303,7 @@ def test_ctrl_c_of_a_pool_campaign_prints_no_worker_traceback(tmp_path: Path) ->
     pipe = subprocess.PIPE
     proc = subprocess.Popen(args, stdout=pipe, stderr=pipe, text=True, start_new_session=True)
     try:
-        deadline = time.monotonic() + 40
-        while time.monotonic() < deadline:
-            if db.exists():
-                with sqlite3.connect(db) as con:
-                    n = con.execute("SELECT COUNT(*) FROM sqlite_master WHERE name = 'trials'").fetchone()[0]
-                if n:  # the pool is starting: its workers are importing pytei and torch
-                    break
-            time.sleep(0.1)
+        _wait_for_trials(db, 0)  # the table exists, the pool is starting: its workers import pytei and torch
         time.sleep(0.5)
         workers = _children(proc.pid)
         os.killpg(proc.pid, signal.SIGINT)  # what a terminal's Ctrl-C does: the whole process group
@@ -310,10 +313,7 @@ def test_ctrl_c_of_a_pool_campaign_prints_no_worker_traceback(tmp_path: Path) ->
             os.killpg(proc.pid, signal.SIGKILL)
     assert proc.returncode == 130
     assert "Traceback" not in err and "KeyboardInterrupt" not in err, err
-    deadline = time.monotonic() + 5
-    while time.monotonic() < deadline and any(_alive(w) for w in workers):
-        time.sleep(0.1)
-    assert not [w for w in workers if _alive(w)]
+    assert not _survivors(workers)
 
 
 # --- 7. a campaign whose trials all fail ---------------------------------------------------------

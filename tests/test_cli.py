@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from conftest import TINY_SPEC
 from pytei.cli import main
 from pytei.data.synthetic import write_movielens
 
@@ -310,20 +311,6 @@ def test_campaign_commands_load_plugins_first_and_pass_them_on(
         capsys.readouterr().err
     )
     assert seen["loaded"] and seen["plugins"] == (plugin, "json") and seen["workers"] == 2
-
-
-TINY_SPEC = """name = "tiny"
-runs = 1
-metrics = ["rmse"]
-
-[[models]]
-dummy = { mlp_depth = 1, mlp_hidden = 64, embed_dim = 64, sparsity = 0.01 }
-samples = 32
-
-[errors]
-model = "BitFlip"
-rates = [1e-5]
-"""
 
 
 def test_campaign_output_lines_are_not_wrapped_and_export_makes_its_folder(tmp_path, capsys):

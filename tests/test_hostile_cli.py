@@ -15,22 +15,10 @@ import pytest
 import torch
 from rich.console import Console
 
+from conftest import TINY_SPEC
 from pytei import cli
 from pytei.cli import main
 from pytei.data.synthetic import write_movielens
-
-TINY_SPEC = """name = "tiny"
-runs = 1
-metrics = ["rmse"]
-
-[[models]]
-dummy = { mlp_depth = 1, mlp_hidden = 64, embed_dim = 64, sparsity = 0.01 }
-samples = 32
-
-[errors]
-model = "BitFlip"
-rates = [1e-5]
-"""
 
 
 def user_error(argv: list[str], capsys: pytest.CaptureFixture[str], *fragments: str) -> str:

@@ -300,6 +300,20 @@ def spec_text(data: SpecData) -> str:
     return tomli_w.dumps(data)
 
 
+def _run_study(out: Path, name: str, data: SpecData, workers: int, console: Console) -> pd.DataFrame:
+    """Write study ``name``'s spec under ``out/specs``, run (or resume) it into ``out/NAME.db``, and
+    return its trials."""
+    text = spec_text(data)
+    (out / "specs" / f"{name}.toml").write_text(text, encoding="utf-8")
+    spec = parse_spec(text, out / "specs")
+    console.print(spec.name, style="bold", markup=False, soft_wrap=True)
+    result = run_campaign(spec, out / f"{name}.db", base_dir=out / "specs", workers=workers)
+    console.print(
+        f"  {result.ran} trials run, {result.skipped} resumed, {result.failed} failed", soft_wrap=True
+    )
+    return load_results(out / f"{name}.db")
+
+
 def reproduce(
     preset: str = "quick",
     out: str | Path = "pytei-out",
@@ -350,17 +364,7 @@ def reproduce(
         "bits": _sensitivity_spec(cfg, ckpts),
         "layers": _layer_spec(cfg, ckpts),
     }
-    frames = []
-    for name, data in studies.items():
-        text = spec_text(data)
-        (out / "specs" / f"{name}.toml").write_text(text, encoding="utf-8")
-        spec = parse_spec(text, out / "specs")
-        console.print(spec.name, style="bold", markup=False, soft_wrap=True)
-        result = run_campaign(spec, out / f"{name}.db", base_dir=out / "specs", workers=workers)
-        console.print(
-            f"  {result.ran} trials run, {result.skipped} resumed, {result.failed} failed", soft_wrap=True
-        )
-        frames.append(load_results(out / f"{name}.db"))
+    frames = [_run_study(out, name, data, workers, console) for name, data in studies.items()]
     report = write_report(
         pd.concat(frames, ignore_index=True), out / "report", title=f"pytei reproduce --preset {preset}"
     )
@@ -369,12 +373,9 @@ def reproduce(
         compat_frames = {}
         for setting in settings:
             data = _compat_spec(cfg, ckpts, setting)
-            text = spec_text(data)
-            (out / "specs" / f"{data['name']}.toml").write_text(text, encoding="utf-8")
-            spec = parse_spec(text, out / "specs")
-            console.print(spec.name, style="bold", markup=False, soft_wrap=True)
-            run_campaign(spec, out / f"{data['name']}.db", base_dir=out / "specs", workers=workers)
-            compat_frames["+".join(setting) or "pytei"] = load_results(out / f"{data['name']}.db")
+            compat_frames["+".join(setting) or "pytei"] = _run_study(
+                out, data["name"], data, workers, console
+            )
         section = _compat_markdown(compat_table(compat_frames), flags)
         (out / "report" / "compat.md").write_text(section, encoding="utf-8")
         with report.open("a", encoding="utf-8") as f:

@@ -349,6 +349,10 @@ class IncrementalEvaluator:
             **dict(model.named_parameters(remove_duplicate=False)),
             **dict(model.named_buffers(remove_duplicate=False)),
         }
+        #: Storages that exist anyway (inputs, parameters, buffers): keeping views of them costs nothing.
+        self._fixed = {t.untyped_storage().data_ptr() for b in self.batches for t in b} | {
+            t.untyped_storage().data_ptr() for t in self._tensors.values()
+        }
 
     # --- clean passes ------------------------------------------------------------------------
 
@@ -419,14 +423,13 @@ class IncrementalEvaluator:
                     args, kwargs = g.arguments(i, env)
                     reads.setdefault(i, []).append(_read_rows(module, args, kwargs))
             if b == 0:
-                fixed = self._fixed_storages(batch)
                 written = _written(g, env)
                 for i in range(len(g.nodes)):
                     if i in env and g.nodes[i].op in _COMPUTE_OPS:
                         held = storages(env[i])
                         if written & held.keys():  # a later op writes into it: a kept value goes stale
                             g.uncacheable |= 1 << i
-                        sizes[i] = {p: n for p, n in held.items() if p not in fixed}
+                        sizes[i] = {p: n for p, n in held.items() if p not in self._fixed}
                 keep = self._select(g, v, costs, sizes, first)
                 for i in keep:
                     v.values[i] = []
@@ -465,12 +468,6 @@ class IncrementalEvaluator:
             if result is not None:
                 output = result
         return output
-
-    def _fixed_storages(self, batch: tuple[torch.Tensor, ...]) -> set[int]:
-        """Storages that exist anyway (inputs, parameters, buffers): caching views of them is free."""
-        out = {t.untyped_storage().data_ptr() for t in batch}
-        out |= {t.untyped_storage().data_ptr() for t in self._tensors.values()}
-        return out
 
     def _run_all(
         self, g: _Graph, batch: tuple[torch.Tensor, ...], costs: list[float] | None
@@ -553,15 +550,11 @@ class IncrementalEvaluator:
 
     def _used(self) -> int:
         seen: dict[int, int] = {}
-        fixed: set[int] = set()
-        for batch in self.batches:
-            fixed |= {t.untyped_storage().data_ptr() for t in batch}
-        fixed |= {t.untyped_storage().data_ptr() for t in self._tensors.values()}
         for v in self._variants.values():
             for values in v.values.values():
                 for value in values:
                     seen.update(storages(value))
-        return sum(n for p, n in seen.items() if p not in fixed)
+        return sum(n for p, n in seen.items() if p not in self._fixed)
 
     def cache_report(self) -> CacheReport:
         """What the cache holds now, measured."""

@@ -338,6 +338,11 @@ def _split_bits(
     return data, check
 
 
+def _draw(model: ErrorModel | None, words: Sequence[Words], seed: int) -> list[Faults]:
+    """``model``'s faults in ``words``; none at all where a split left no model for them."""
+    return model.draw(words, seed) if model is not None else [Faults.none() for _ in words]
+
+
 class _BitSets(CodewordModel):
     """Models with a bit set: the set's element positions act on data, 64..71 on the check bits."""
 
@@ -354,7 +359,7 @@ class _BitSets(CodewordModel):
 
     def data(self, error: ErrorModel, words: Sequence[Words], seed: int) -> list[Faults]:
         model = self.split(error, words)[0]
-        return model.draw(words, seed) if model is not None else [Faults.none() for _ in words]
+        return _draw(model, words, seed)
 
     def codeword(
         self,
@@ -365,7 +370,7 @@ class _BitSets(CodewordModel):
         seed: int,
     ) -> tuple[list[Faults], list[Faults]]:
         model = self.split(error, words)[1]
-        return data, model.draw(checks, seed) if model is not None else [Faults.none() for _ in checks]
+        return data, _draw(model, checks, seed)
 
 
 extend(BitFlip)(_BitSets)
@@ -446,7 +451,7 @@ class _JointCount(CodewordModel):
     def data(self, error: ErrorModel, words: Sequence[Words], seed: int) -> list[Faults]:
         assert isinstance(error, FlipCount)
         model = self.sizes(error, words)[0]
-        return model.draw(words, seed) if model is not None else [Faults.none() for _ in words]
+        return _draw(model, words, seed)
 
     def codeword(
         self,
