@@ -8,7 +8,7 @@ that fits (``ValueError``, ``RuntimeError``), so ``except ValueError`` keeps wor
 
 from __future__ import annotations
 
-__all__ = ["ArgumentError", "CheckpointError", "PyteiError"]
+__all__ = ["ArgumentError", "CheckpointError", "MissingExtraError", "PyteiError"]
 
 
 class PyteiError(Exception):
@@ -22,3 +22,8 @@ class ArgumentError(PyteiError, ValueError):
 
 class CheckpointError(PyteiError, ValueError):
     """A checkpoint folder that cannot be read: corrupt or foreign metadata or weights."""
+
+
+class MissingExtraError(PyteiError, ImportError):
+    """A feature needs an optional extra that is not installed (``pytei[torchrec]``); the message names the
+    missing package and the install command."""

@@ -1,0 +1,33 @@
+"""The optional TorchRec extra: one check that names what is missing and how to install it."""
+
+from __future__ import annotations
+
+import importlib
+
+from ..exceptions import MissingExtraError
+
+__all__ = ["INSTALL", "require"]
+
+#: How to install the extra (torchrec 1.8.0 declares the CUDA ``fbgemm-gpu``, so it goes in without its deps).
+INSTALL = (
+    "pip install -c constraints.txt 'pytei[torchrec]' && pip install --no-deps torchrec==1.8.0 "
+    "(fbgemm-gpu-cpu 1.8.0 with torch 2.13; see README 'TorchRec')"
+)
+
+#: Import name -> distribution of each package the extra brings.
+_PACKAGES = {"torchrec": "torchrec", "fbgemm_gpu": "fbgemm-gpu-cpu", "tensordict": "tensordict"}
+
+
+def require(feature: str = "TorchRec support") -> None:
+    """Import the extra's packages, or raise :class:`MissingExtraError` naming the missing one(s)."""
+    missing = []
+    for module, dist in _PACKAGES.items():
+        try:
+            importlib.import_module(module)
+        except ImportError as err:  # also a wheel that fails to load (an undefined symbol): say which
+            missing.append(f"{dist} ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else '?'})")
+    if missing:
+        raise MissingExtraError(
+            f"{feature} needs the optional extra pytei[torchrec]; missing: "
+            f"{', '.join(missing)}; install: {INSTALL}"
+        )
