@@ -105,8 +105,9 @@ def test_setup_commands_match_ci():
     extras, and the test command is exactly what ``.ci/run`` runs."""
     main_job, tests = re.findall(r"```bash\n(.*?)\n```", README, re.S)[:2]
     assert main_job == "pip install -c constraints.txt -e . && pytei reproduce --preset quick"
-    assert (
-        tests == 'pip install -c constraints.txt -e ".[dev]" && ruff check . && mypy && python -m pytest -q'
+    assert tests == (
+        'pip install -c constraints.txt -e ".[dev,torchrec]" && pip install -c constraints.txt --no-deps torchrec'
+        " && ruff check . && mypy && python -m pytest -q"
     )
     ci = (ROOT / ".ci" / "run").read_text()
     assert tests in ci.splitlines()

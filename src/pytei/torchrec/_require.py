@@ -10,8 +10,8 @@ __all__ = ["INSTALL", "require"]
 
 #: How to install the extra (torchrec 1.8.0 declares the CUDA ``fbgemm-gpu``, so it goes in without its deps).
 INSTALL = (
-    "pip install -c constraints.txt 'pytei[torchrec]' && pip install --no-deps torchrec==1.8.0 "
-    "(fbgemm-gpu-cpu 1.8.0 with torch 2.13; see README 'TorchRec')"
+    "pip install -c constraints.txt 'pytei[torchrec]' && pip install -c constraints.txt --no-deps torchrec "
+    "(constraints.txt pins torchrec 1.8.0 and fbgemm-gpu-cpu 1.8.0 for torch 2.13)"
 )
 
 #: Import name -> distribution of each package the extra brings.
