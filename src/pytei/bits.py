@@ -16,6 +16,8 @@ import torch
 
 __all__ = [
     "BitLayout",
+    "code_layout",
+    "fp8_layout",
     "layout",
     "supported_dtypes",
     "bit_values",
@@ -38,10 +40,18 @@ class BitLayout:
     sign: tuple[int, ...]
     exponent: tuple[int, ...]
     mantissa: tuple[int, ...]
+    #: A format stored in ``dtype`` words that is not ``dtype`` itself (``"int4"``: two packed codes per
+    #: byte; ``"fp8"``); empty for the dtype's own layout.
+    format: str = ""
+    #: Named fields of such a format, overriding the dtype's (e.g. ``code_bit0`` ... of packed codes).
+    named_fields: tuple[tuple[str, tuple[int, ...]], ...] = ()
 
     @property
     def fields(self) -> dict[str, tuple[int, ...]]:
-        """Named bit fields: sign/exponent/mantissa for floats, sign/value for integers."""
+        """Named bit fields: sign/exponent/mantissa for floats, sign/value for integers, the format's own
+        fields for a packed format."""
+        if self.named_fields:
+            return dict(self.named_fields)
         if self.is_float:
             return {"sign": self.sign, "exponent": self.exponent, "mantissa": self.mantissa}
         if self.sign:
@@ -85,6 +95,27 @@ _LAYOUTS: dict[torch.dtype, BitLayout] = {
     torch.int8: _int(torch.int8, torch.int8, 8, True),
     torch.uint8: _int(torch.uint8, torch.int8, 8, False),
 }
+
+
+def code_layout(bits: int) -> BitLayout:
+    """Unsigned ``bits``-bit codes packed ``8 // bits`` to a byte, the first code in the lowest bits
+    (FBGEMM's int8/int4/int2 rows): byte bit ``b`` is bit ``b % bits`` of code ``b // bits``. Field
+    ``code_bit{k}`` holds bit ``k`` (weight ``2**k``) of every code in the byte."""
+    if bits not in (2, 4, 8):
+        raise ValueError(f"packed codes have 2, 4 or 8 bits, got {bits!r}")
+    named = tuple((f"code_bit{k}", tuple(range(k, 8, bits))) for k in range(bits))
+    return BitLayout(torch.uint8, 8, torch.int8, False, (), (), (), f"int{bits}", named)
+
+
+def fp8_layout(exponent_bits: int = 4) -> BitLayout:
+    """FBGEMM's FP8 row format in a byte: sign bit 7, ``exponent_bits`` exponent bits, the rest mantissa
+    (``SparseType.FP8``: 4 exponent bits, bias 7 by default)."""
+    if not 1 <= exponent_bits <= 6:
+        raise ValueError(f"fp8 exponent_bits must be in 1..6, got {exponent_bits!r}")
+    base = _float(torch.uint8, torch.int8, 8, exponent_bits)
+    return BitLayout(
+        torch.uint8, 8, torch.int8, True, base.sign, base.exponent, base.mantissa, f"fp8_e{exponent_bits}"
+    )
 
 
 def supported_dtypes() -> tuple[torch.dtype, ...]:

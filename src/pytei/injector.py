@@ -228,6 +228,26 @@ def _may_self_overlap(t: torch.Tensor) -> bool:
     return False
 
 
+def _row_bytes(t: torch.Tensor) -> tuple[int, int, int] | None:
+    """``(row stride, first byte, bytes per row)`` of a 2-D view with contiguous rows, in bytes; else None."""
+    if t.dim() != 2 or (t.shape[1] > 1 and t.stride(1) != 1):
+        return None
+    size = t.element_size()
+    return t.stride(0) * size, t.storage_offset() * size, t.shape[1] * size
+
+
+def _disjoint_columns(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether two row views of one storage with the same row stride read disjoint bytes of every row
+    (exact and O(1): each reads a fixed byte range in every period of the row stride)."""
+    ra, rb = _row_bytes(a), _row_bytes(b)
+    if ra is None or rb is None or ra[0] != rb[0] or ra[0] <= 0:
+        return False
+    stride, (oa, wa), (ob, wb) = ra[0], ra[1:], rb[1:]
+    if wa > stride or wb > stride:
+        return False
+    return (ob - oa) % stride >= wa and (oa - ob) % stride >= wb
+
+
 def _addresses(t: torch.Tensor) -> torch.Tensor:
     """The storage element of every flat (row-major) index of ``t``: int64 on the CPU."""
     addr = torch.tensor(t.storage_offset(), dtype=torch.int64)
@@ -260,6 +280,8 @@ def _exposures(sites: list[Site]) -> list[_Exposure]:
         assert a is not None and b is not None
         size_a, size_b = sites[i].tensor.element_size(), sites[j].tensor.element_size()
         if a[1] * size_a < b[2] * size_b and b[1] * size_b < a[2] * size_a:  # byte ranges intersect
+            if _disjoint_columns(sites[i].tensor, sites[j].tensor):
+                continue  # fields of the same rows (a table's codes and scale): no shared byte
             if size_a != size_b:
                 raise ArgumentError(
                     f"{sites[j].name} ({sites[j].tensor.dtype}) and {sites[i].name} "
@@ -362,6 +384,8 @@ class InjectionReport:
     passes: int = 0
     #: Stored words each tensor exposes (fewer than its numel when it shares storage); absent: numel.
     exposed: dict[str, int] = field(default_factory=dict, repr=False)
+    #: The table field (``codes``, ``scale``, ``bias``, ``padding``) of each targeted embedding-table site.
+    fields: dict[str, str] = field(default_factory=dict, repr=False)
     _activation_fields: dict[str, int] = field(default_factory=dict, repr=False)
 
     @property
@@ -401,6 +425,16 @@ class InjectionReport:
         out = dict(self._weight_fields)
         for k, v in self._activation_fields.items():
             out[k] = out.get(k, 0) + v
+        return out
+
+    @property
+    def per_row_field(self) -> dict[str, int]:
+        """Bits changed per field of embedding tables' rows (``codes``, ``scale``, ``bias``, ``padding``:
+        flips in padding are never read, so a model cannot notice them)."""
+        out: dict[str, int] = {}
+        for n, count in self.per_parameter.items():
+            if n in self.fields:
+                out[self.fields[n]] = out.get(self.fields[n], 0) + count
         return out
 
     @property
@@ -461,6 +495,7 @@ class _Selection(TypedDict):
     include: str | Sequence[str] | None
     exclude: str | Sequence[str] | None
     buffers: bool
+    fields: str | Sequence[str] | None
 
 
 class Injector:
@@ -486,6 +521,7 @@ class Injector:
         include: str | Sequence[str] | None = None,
         exclude: str | Sequence[str] | None = None,
         buffers: bool = False,
+        fields: str | Sequence[str] | None = None,
         seed: int | None = None,
         site: str = "weights",
         protect: Protection | None = None,
@@ -502,7 +538,7 @@ class Injector:
             raise ValueError("protect= filters memory errors and needs site='weights'")
         self.error = error
         self.selection = _Selection(
-            target=target, params=params, include=include, exclude=exclude, buffers=buffers
+            target=target, params=params, include=include, exclude=exclude, buffers=buffers, fields=fields
         )
         self.seed = seed
         self.site = site
@@ -559,7 +595,7 @@ class Injector:
     def _apply_weights(self, sites: list[Site], seed: int) -> InjectionReport:
         exposures = _exposures(sites)
         storages = [_Storage(s.tensor, e.address) for s, e in zip(sites, exposures, strict=True)]
-        layouts = {s.name: layout(s.tensor.dtype) for s in sites}
+        layouts = {s.name: s.layout for s in sites}
         replay = isinstance(self.error, FaultMap)  # a map names real indices: no renumbering
         words = []
         for s, st, e in zip(sites, storages, exposures, strict=True):
@@ -600,6 +636,7 @@ class Injector:
             layouts=layouts,
             protection=protection,
             exposed=exposed,
+            fields={s.name: s.field for s in sites if s.field is not None},
         )
 
     def _write_faults(self, storages: list[_Storage], drawn: list[Faults], layouts: list[BitLayout]) -> None:
@@ -739,6 +776,7 @@ def inject(
     include: str | Sequence[str] | None = None,
     exclude: str | Sequence[str] | None = None,
     buffers: bool = False,
+    fields: str | Sequence[str] | None = None,
     seed: int | None = None,
     site: str = "weights",
     protect: Protection | None = None,
@@ -747,7 +785,8 @@ def inject(
 
     The keywords are :class:`Injector`'s: ``target`` (components, see ``pytei.targets.COMPONENTS``,
     or ``"all"``), ``params`` (``"weight"``, ``"bias"``, ``"all"``), ``include``/``exclude`` (glob
-    patterns over tensor names), ``buffers`` (also corrupt persistent buffers), ``seed`` (``None``:
+    patterns over tensor names), ``buffers`` (also corrupt persistent buffers), ``fields`` (fields of
+    embedding tables' rows: ``codes``, ``scale``, ``bias``, ``padding``), ``seed`` (``None``:
     a fresh one, recorded in the report), ``site`` (``"weights"`` or ``"activations"``) and
     ``protect`` (a :class:`Protection` for the weights site). Yields the live
     :class:`InjectionReport`.
@@ -762,6 +801,7 @@ def inject(
         include=include,
         exclude=exclude,
         buffers=buffers,
+        fields=fields,
         seed=seed,
         site=site,
         protect=protect,

@@ -11,22 +11,38 @@ part of the MLP).
 from __future__ import annotations
 
 import fnmatch
+import importlib
 import io
-from collections.abc import Iterable, Sequence
+import sys
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from .bits import layout
+from .bits import BitLayout, layout
 from .exceptions import ArgumentError
 
-__all__ = ["COMPONENTS", "PARAM_KINDS", "Site", "Description", "components", "select", "describe"]
+__all__ = [
+    "COMPONENTS",
+    "FIELDS",
+    "PARAM_KINDS",
+    "Site",
+    "Description",
+    "components",
+    "describe",
+    "register_storage",
+    "select",
+]
 
 #: Components a parameter can belong to.
 COMPONENTS = ("embedding", "mlp", "attention", "interaction", "linear", "other")
 #: Values of ``params``.
 PARAM_KINDS = ("weight", "bias", "all")
+#: Fields of an embedding table's rows (``fields=``): ``codes`` (the stored values: quantized codes, or the
+#: floats of a float table), ``scale`` and ``bias`` (FBGEMM's per-row fp16 quantization parameters) and
+#: ``padding`` (bytes up to the row alignment, never read; only when asked for).
+FIELDS = ("codes", "scale", "bias", "padding")
 
 _TYPE_COMPONENTS: tuple[tuple[type[nn.Module], str], ...] = (
     (nn.Embedding, "embedding"),
@@ -40,12 +56,63 @@ _TYPE_COMPONENTS: tuple[tuple[type[nn.Module], str], ...] = (
 
 @dataclass(frozen=True)
 class Site:
-    """One selected tensor: its dotted name, the tensor itself, its component and kind."""
+    """One selected tensor: its dotted name, the tensor itself, its component and kind; for a field of an
+    embedding table's rows, the field (see ``FIELDS``) and the bit layout of its format when that is not
+    the tensor dtype's own (packed int4 codes, FBGEMM fp8)."""
 
     name: str
     tensor: torch.Tensor
     component: str
     kind: str
+    field: str | None = None
+    format: BitLayout | None = None
+
+    @property
+    def layout(self) -> BitLayout:
+        """How the site's words are read: its format, else its dtype's layout."""
+        return self.format if self.format is not None else layout(self.tensor.dtype)
+
+
+#: A storage provider: the sites of the tables a model holds outside ``named_parameters``/``named_buffers``
+#: (FBGEMM's TBE rows, quantized torchrec collections) and the dotted paths of the modules whose own
+#: registered tensors those sites replace (their aliases, skipped).
+StorageProvider = Callable[[nn.Module], tuple[list[Site], list[str]]]
+#: Providers, by the top-level package whose modules they read: one is consulted only once that package is
+#: imported (a model cannot hold its modules otherwise), and its module is imported then.
+#: (torchrec imports fbgemm_gpu, so one entry covers both.)
+_PROVIDERS: dict[str, str | StorageProvider] = {"fbgemm_gpu": "pytei.torchrec._storage"}
+
+
+def register_storage(package: str, provider: StorageProvider) -> None:
+    """Register ``provider`` for models holding modules of ``package`` (consulted once it is imported)."""
+    _PROVIDERS[package] = provider
+
+
+def _provided(model: nn.Module) -> tuple[list[Site], list[str]]:
+    """Sites of the registered providers whose packages are imported, and the module paths they cover."""
+    sites: list[Site] = []
+    covered: list[str] = []
+    for package in list(_PROVIDERS):
+        if package not in sys.modules:
+            continue
+        provider = _PROVIDERS[package]
+        if isinstance(provider, str):
+            if not provider:
+                continue
+            importlib.import_module(provider)  # registers itself, replacing the module name
+            provider = _PROVIDERS[package]
+            if isinstance(provider, str):
+                raise RuntimeError(
+                    f"{_PROVIDERS[package]!r} did not register a storage provider for {package}"
+                )
+        found, paths = provider(model)
+        sites += found
+        covered += paths
+    return sites, covered
+
+
+def _covered(name: str, paths: Sequence[str]) -> bool:
+    return any(p == "" or name.startswith(p + ".") for p in paths)
 
 
 #: Registered names that mean a bias: ``bias``, DCN's ``b`` (pytorch-fm's cross layers), ``biases``.
@@ -90,17 +157,31 @@ def _tagged(model: nn.Module, name: str) -> str | None:
     return None
 
 
-def _named_tensors(model: nn.Module, buffers: bool) -> list[tuple[str, torch.Tensor]]:
+def _named_tensors(
+    model: nn.Module, buffers: bool, covered: Sequence[str] = ()
+) -> list[tuple[str, torch.Tensor]]:
     named: list[tuple[str, torch.Tensor]] = list(model.named_parameters())
     if buffers:  # persistent buffers are state (e.g. int8 tables); derived ones (index offsets) are not
         state = set(model.state_dict(keep_vars=True))
         named += [(n, b) for n, b in model.named_buffers() if b is not None and n in state]
-    return named
+    return [(n, t) for n, t in named if not _covered(n, covered)]
+
+
+def _plain_field(component: str) -> str | None:
+    """The field of a tensor without a row format: the values (``codes``) of an embedding table."""
+    return "codes" if component == "embedding" else None
 
 
 def components(model: nn.Module, *, buffers: bool = False) -> dict[str, str]:
-    """Component of every parameter (and buffer, if asked) of ``model``, by dotted name."""
-    named = _named_tensors(model, buffers)
+    """Component of every parameter (and buffer, if asked) of ``model``, and of every table site a storage
+    provider finds, by dotted name."""
+    provided, covered = _provided(model)
+    return _components(model, _named_tensors(model, buffers, covered)) | {
+        s.name: s.component for s in provided
+    }
+
+
+def _components(model: nn.Module, named: list[tuple[str, torch.Tensor]]) -> dict[str, str]:
     found = {n: _tagged(model, n) for n, _ in named}
     out: dict[str, str] = {}
     for name, comp in found.items():
@@ -137,14 +218,19 @@ def select(
     exclude: str | Sequence[str] | None = None,
     *,
     buffers: bool = False,
+    fields: str | Sequence[str] | None = None,
 ) -> list[Site]:
     """The tensors of ``model`` that errors go into.
 
     ``target``: a component (see ``COMPONENTS``), a list of them, or ``"all"``. ``params``:
     ``"weight"``, ``"bias"`` or ``"all"``. ``include``/``exclude``: glob patterns over dotted names
     (``"top_mlp.*"``); each must match some tensor. ``buffers`` adds buffers (e.g. int8 tables).
+    ``fields`` keeps only those fields of embedding tables' rows (see ``FIELDS``; a float table has
+    ``codes`` only); ``None``: every tensor, table fields except ``padding``.
     """
-    comps = components(model, buffers=buffers)
+    provided, covered = _provided(model)
+    named = _named_tensors(model, buffers, covered)
+    comps = _components(model, named) | {p.name: p.component for p in provided}
     targets = _as_list(target, "target")
     if not targets:
         raise ArgumentError("target must name at least one component")
@@ -159,6 +245,12 @@ def select(
             )
     if params not in PARAM_KINDS:
         raise ArgumentError(f"unknown params {params!r}; allowed: {', '.join(PARAM_KINDS)}")
+    wanted = _as_list(fields, "fields") if fields is not None else None
+    for f in wanted or ():
+        if f not in FIELDS:
+            raise ArgumentError(f"unknown field {f!r}; allowed: {', '.join(FIELDS)}")
+    if wanted is not None and not wanted:
+        raise ArgumentError(f"fields must name at least one of {', '.join(FIELDS)}")
     inc, exc = _as_list(include, "include patterns"), _as_list(exclude, "exclude patterns")
     for pattern in inc + exc:
         if not any(fnmatch.fnmatchcase(n, pattern) for n in comps):
@@ -166,28 +258,36 @@ def select(
             name = type(model).__name__
             raise ArgumentError(f"pattern {pattern!r} matches no parameter of {name} ({sample})")
 
+    candidates = [Site(n, t, comps[n], _kind(model, n), _plain_field(comps[n])) for n, t in named] + provided
     sites = []
-    for name, tensor in _named_tensors(model, buffers):
-        comp, kind = comps[name], _kind(model, name)
-        if "all" not in targets and comp not in targets:
+    for site in candidates:
+        if "all" not in targets and site.component not in targets:
             continue
-        if params != "all" and kind != params:
+        if params != "all" and site.kind != params:
             continue
-        if inc and not any(fnmatch.fnmatchcase(name, p) for p in inc):
+        if wanted is None and site.field == "padding":
             continue
-        if any(fnmatch.fnmatchcase(name, p) for p in exc):
+        if wanted is not None and site.field not in wanted:
             continue
-        sites.append(Site(name, tensor, comp, kind))
+        if inc and not any(fnmatch.fnmatchcase(site.name, p) for p in inc):
+            continue
+        if any(fnmatch.fnmatchcase(site.name, p) for p in exc):
+            continue
+        sites.append(site)
     if not sites:
+        chosen = ""
+        if wanted is not None:
+            present = sorted({c.field for c in candidates if c.field is not None})
+            chosen = f", fields={wanted} (its tables have fields {present})"
         raise ArgumentError(
-            f"the selection target={targets}, params={params!r}, include={inc}, exclude={exc} "
+            f"the selection target={targets}, params={params!r}, include={inc}, exclude={exc}{chosen} "
             f"matches no parameter of {type(model).__name__}"
         )
     for site in sites:
         if site.tensor.is_meta or site.tensor.layout != torch.strided:
             raise TypeError(f"{site.name}: only dense tensors with storage can take bit errors")
         try:
-            layout(site.tensor.dtype)
+            site.layout  # noqa: B018 - raises for a dtype without a bit layout
         except TypeError as err:
             raise TypeError(f"{site.name}: {err}") from None
     return sites
@@ -201,6 +301,7 @@ class _Row:
     dtype: str
     shape: tuple[int, ...]
     numel: int
+    field: str = ""
 
 
 class Description(list):
@@ -210,10 +311,11 @@ class Description(list):
         from rich.table import Table
 
         table = Table(title=f"{len(self)} tensors, {sum(r.numel for r in self):,} values")
-        for col in ("name", "component", "kind", "dtype", "shape", "numel"):
+        for col in ("name", "component", "kind", "field", "dtype", "shape", "numel"):
             table.add_column(col, justify="right" if col == "numel" else "left")
         for r in self:
-            table.add_row(r.name, r.component, r.kind, r.dtype, "x".join(map(str, r.shape)), f"{r.numel:,}")
+            shape = "x".join(map(str, r.shape))
+            table.add_row(r.name, r.component, r.kind, r.field, r.dtype, shape, f"{r.numel:,}")
         return table
 
     def __str__(self) -> str:
@@ -233,9 +335,21 @@ class Description(list):
 
 
 def describe(model: nn.Module, *, buffers: bool = False) -> Description:
-    """One row per parameter (name, component, kind, dtype, shape, numel)."""
-    comps = components(model, buffers=buffers)
+    """One row per parameter (name, component, kind, field, dtype, shape, numel), and one per field of
+    each table a storage provider finds (dtype: its format, e.g. ``int4``, ``fp8_e4``)."""
+    provided, covered = _provided(model)
+    named = _named_tensors(model, buffers, covered)
+    comps = _components(model, named)
+    sites = [Site(n, t, comps[n], _kind(model, n), _plain_field(comps[n])) for n, t in named] + provided
     return Description(
-        _Row(n, comps[n], _kind(model, n), str(t.dtype).removeprefix("torch."), tuple(t.shape), t.numel())
-        for n, t in _named_tensors(model, buffers)
+        _Row(
+            s.name,
+            s.component,
+            s.kind,
+            s.format.format if s.format is not None else str(s.tensor.dtype).removeprefix("torch."),
+            tuple(s.tensor.shape),
+            s.tensor.numel(),
+            s.field or "",
+        )
+        for s in sites
     )
