@@ -233,7 +233,7 @@ def _row_bytes(t: torch.Tensor) -> tuple[int, int, int] | None:
     if t.dim() != 2 or (t.shape[1] > 1 and t.stride(1) != 1):
         return None
     size = t.element_size()
-    return t.stride(0) * size, t.storage_offset() * size, t.shape[1] * size
+    return int(t.stride(0)) * size, int(t.storage_offset()) * size, int(t.shape[1]) * size
 
 
 def _disjoint_columns(a: torch.Tensor, b: torch.Tensor) -> bool:

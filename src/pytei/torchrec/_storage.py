@@ -25,6 +25,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -134,7 +135,7 @@ def _bytes(t: torch.Tensor) -> torch.Tensor:
 
 
 def _intn_tables(
-    tbe: nn.Module, path: str, names: list[str], features: list[tuple[str, ...]]
+    tbe: Any, path: str, names: list[str], features: list[tuple[str, ...]]
 ) -> list[TableStorage]:
     """The tables of an ``IntNBitTableBatchedEmbeddingBagsCodegen`` (inference TBE, any row format)."""
     specs = tbe.embedding_specs  # (name, rows, dim, SparseType, location)
@@ -155,7 +156,7 @@ def _intn_tables(
 
 
 def _split_tables(
-    tbe: nn.Module, path: str, names: list[str], features: list[tuple[str, ...]]
+    tbe: Any, path: str, names: list[str], features: list[tuple[str, ...]]
 ) -> list[TableStorage]:
     """The tables of a ``SplitTableBatchedEmbeddingBagsCodegen`` (training TBE: fp32/fp16 rows)."""
     sparse_type = tbe.weights_precision.value
@@ -192,7 +193,7 @@ def _walk(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
         stack.extend(reversed(children))
 
 
-def _collection_tables(module: nn.Module, path: str) -> list[TableStorage]:
+def _collection_tables(module: Any, path: str) -> list[TableStorage]:
     """Tables of a quantized torchrec EBC/EC, from its TBEs, named like the float collection's parameters."""
     out = []
     group = "embedding_bags" if hasattr(module, "embedding_bags") else "embeddings"
@@ -204,7 +205,7 @@ def _collection_tables(module: nn.Module, path: str) -> list[TableStorage]:
     return out
 
 
-def _float_tables(module: nn.Module, path: str) -> list[TableStorage]:
+def _float_tables(module: Any, path: str) -> list[TableStorage]:
     """Tables of a float torchrec EBC/EC: its ``nn.EmbeddingBag``/``nn.Embedding`` weights (already sites)."""
     group = "embedding_bags" if hasattr(module, "embedding_bags") else "embeddings"
     configs = module.embedding_bag_configs() if group == "embedding_bags" else module.embedding_configs()
@@ -232,6 +233,11 @@ def _float_tables(module: nn.Module, path: str) -> list[TableStorage]:
     return out
 
 
+def _specs(tbe: Any) -> list[Any]:
+    """A TBE's ``embedding_specs`` (one tuple per table)."""
+    return list(tbe.embedding_specs)
+
+
 def _scan(model: nn.Module) -> tuple[list[TableStorage], list[str]]:
     """Every table of ``model`` (deduplicated by storage) and the module paths whose tensors they replace."""
     intn, split = _tbe_classes()
@@ -239,22 +245,23 @@ def _scan(model: nn.Module) -> tuple[list[TableStorage], list[str]]:
     found: list[TableStorage] = []
     covered: list[str] = []
     seen: set[int] = set()
-    for path, module in _walk(model):
+    for path, found_module in _walk(model):
+        module: Any = found_module
         if id(module) in seen:
             continue
         seen.add(id(module))
         if isinstance(module, quant):
             found += _collection_tables(module, path)
             covered.append(path)
-            seen.update(id(t) for t in module._emb_modules)
+            seen.update(id(t) for t in getattr(module, "_emb_modules"))  # noqa: B009 - untyped attribute
         elif isinstance(module, floats):
             found += _float_tables(module, path)
         elif isinstance(module, intn):
-            names = [f"{path}.{spec[0]}.weight" for spec in module.embedding_specs]
+            names = [f"{path}.{spec[0]}.weight" for spec in _specs(module)]
             found += _intn_tables(module, path, names, [()] * len(names))
             covered.append(path)
         elif isinstance(module, split):
-            names = [f"{path}.t{k}.weight" for k in range(len(module.embedding_specs))]
+            names = [f"{path}.t{k}.weight" for k in range(len(_specs(module)))]
             found += _split_tables(module, path, names, [()] * len(names))
             covered.append(path)
     unique: dict[tuple[str, int, int], TableStorage] = {}
