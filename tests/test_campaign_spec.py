@@ -523,3 +523,27 @@ def test_trial_kinds_are_set_at_plan_time(tmp_path):
     kinds = {(t.target, t.kind) for t in trials}
     assert kinds == {("v1.2", "component"), ("a.weight", "parameter"), ("b.bias", "parameter")}
     assert {t.label for t in trials if t.model.startswith("ckpt:")} == {"a"}  # the spec's label travels
+
+
+# --- table fields ----------------------------------------------------------------------------------
+
+
+def test_a_target_can_select_table_fields(tmp_path):
+    text = variant(
+        '{ component = "mlp", params = "weight" }',
+        '{ component = "embedding", fields = ["scale", "bias"] }',
+    )
+    spec = parse_spec(text, tmp_path)
+    target = spec.targets[1]
+    assert target.name == "embedding.scale+bias" and target.fields == ("scale", "bias")
+    assert target.selection()["fields"] == ["scale", "bias"]
+    assert "fields" not in spec.targets[0].selection()  # trials of specs without fields keep their identity
+    codes = variant('fields = ["scale", "bias"]', 'fields = ["codes"]', text)
+    assert spec.hash != parse_spec(codes, tmp_path).hash
+
+
+def test_an_unknown_field_names_the_key_and_what_is_allowed(tmp_path):
+    mlp, bad = '{ component = "mlp", params = "weight" }', '{ component = "embedding", fields = ["exp"] }'
+    text = variant(mlp, bad)
+    with pytest.raises(SpecError, match=r"targets\[1\]\.fields.*codes, scale, bias, padding"):
+        parse_spec(text, tmp_path)

@@ -169,7 +169,7 @@ class Table:
 
 def target_name(table: dict[str, Any]) -> str:
     """The display name of a ``targets`` table: its ``label``, else its component(s) joined by ``+``
-    with its include/exclude patterns (``mlp[-predictor.*]``)."""
+    with its include/exclude patterns (``mlp[-predictor.*]``) and table fields (``embedding.scale+bias``)."""
     if table.get("label"):
         return str(table["label"])
     component = table.get("component", ["all"])
@@ -178,4 +178,7 @@ def target_name(table: dict[str, Any]) -> str:
     include = [include] if isinstance(include, str) else include
     exclude = [exclude] if isinstance(exclude, str) else exclude
     patterns = [*include, *(f"-{p}" for p in exclude)]
-    return "+".join(component) + (f"[{','.join(patterns)}]" if patterns else "")
+    fields = table.get("fields") or []
+    fields = [fields] if isinstance(fields, str) else list(fields)
+    name = "+".join(component) + (f"[{','.join(patterns)}]" if patterns else "")
+    return name + (f".{'+'.join(fields)}" if fields else "")

@@ -15,6 +15,9 @@ Semantics a reader of a spec needs to know:
   joined by ``+`` with its include/exclude patterns (``mlp[-predictor.*]``); a bare string is a
   component, ``"all"`` or ``"per-parameter"`` (one target per parameter of each model, expanded by
   the planner, which then needs the model's parameter names);
+* a target table's ``fields`` (``["codes"]``, ``["scale", "bias"]``, ``["padding"]``) keeps only those
+  fields of embedding tables' rows (``pytei.targets.FIELDS``; FBGEMM's quantized rows hold codes, an
+  fp16 scale and bias, and padding); without it a target takes every tensor, padding left out;
 * dummy models have no labels: they are scored by ``rmse`` against their clean outputs only, and
   ``auc``/``logloss`` are skipped for them (``rmse`` must therefore be among ``metrics``);
 * ``protect-bits`` and ``ecc`` filter faults on their way into stored tensors, so with the
@@ -50,7 +53,7 @@ from typing import Any, cast
 from .. import errors, metrics, mitigation, plugins
 from .._registry import OptionError, check_options
 from ..injector import SITES
-from ..targets import COMPONENTS, PARAM_KINDS
+from ..targets import COMPONENTS, FIELDS, PARAM_KINDS
 from .checks import (
     REQUIRED,
     TOP_KEYS,
@@ -130,15 +133,21 @@ class Target:
     include: tuple[str, ...] | None = None
     exclude: tuple[str, ...] | None = None
     per_parameter: bool = False
+    fields: tuple[str, ...] | None = None
+    """Fields of embedding tables' rows (``pytei.targets.FIELDS``); None: every tensor, padding left out."""
 
     def selection(self) -> dict:
-        """Keyword arguments of ``pytei.Injector`` that select this target's tensors."""
-        return {
+        """Keyword arguments of ``pytei.Injector`` that select this target's tensors (``fields`` only when
+        given, so that the trials of specs written before it keep their identity)."""
+        out = {
             "target": self.component[0] if len(self.component) == 1 else list(self.component),
             "params": self.params,
             "include": list(self.include) if self.include else None,
             "exclude": list(self.exclude) if self.exclude else None,
         }
+        if self.fields:
+            out["fields"] = list(self.fields)
+        return out
 
 
 @dataclass(frozen=True)
@@ -254,6 +263,8 @@ def canonical_json(value: Any) -> str:
 def _as_dict(value: Any) -> Any:
     if isinstance(value, MitigationChoice):
         return value.hashed()
+    if isinstance(value, Target) and value.fields is None:  # the hash of a spec from before ``fields``
+        return {f.name: getattr(value, f.name) for f in dataclasses.fields(value) if f.name != "fields"}
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
         return {f.name: getattr(value, f.name) for f in dataclasses.fields(value)}
     raise TypeError(f"{type(value).__name__} is not JSON serializable")
@@ -374,7 +385,7 @@ def _target(value: Any, path: str) -> Target:
         return Target(PER_PARAMETER, per_parameter=True)
     if isinstance(value, str):
         return Target(value, (choice(("all", *COMPONENTS, PER_PARAMETER))(value, path),))
-    t = Table(value, path, ("component", "params", "include", "exclude", "label"))
+    t = Table(value, path, ("component", "params", "include", "exclude", "fields", "label"))
     component = t.get("component", many(choice(("all", *COMPONENTS))), ("all",))
     include = t.get("include", many(string), None)
     exclude = t.get("exclude", many(string), None)
@@ -385,6 +396,7 @@ def _target(value: Any, path: str) -> Target:
         params=t.get("params", choice(PARAM_KINDS), "all"),
         include=include,
         exclude=exclude,
+        fields=t.get("fields", many(choice(FIELDS)), None),
     )
 
 
