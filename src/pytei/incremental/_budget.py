@@ -8,6 +8,8 @@ from typing import Any
 
 import torch
 
+from ._jagged import is_torchrec_value
+
 __all__ = [
     "BUDGET_VARIABLE",
     "DEFAULT_FRACTION",
@@ -81,7 +83,8 @@ def default_budget() -> int:
 
 
 def tensors_in(value: Any) -> Iterable[torch.Tensor]:
-    """The tensors held by a node value (a tensor, or tuples/lists/dicts of them)."""
+    """The tensors held by a node value (a tensor, tuples/lists/dicts of them, torchrec's KJTs,
+    JaggedTensors and KeyedTensors)."""
     if isinstance(value, torch.Tensor):
         yield value
     elif isinstance(value, tuple | list):
@@ -90,6 +93,8 @@ def tensors_in(value: Any) -> Iterable[torch.Tensor]:
     elif isinstance(value, dict):
         for v in value.values():
             yield from tensors_in(v)
+    elif is_torchrec_value(value):
+        yield from tensors_in(vars(value))
 
 
 def storages(value: Any) -> dict[int, int]:

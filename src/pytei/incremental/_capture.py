@@ -2,9 +2,12 @@
 
 Symbolic tracing records a ``call_module`` node for every *leaf* module and traces through the rest.
 Hooks only fire on modules called as such, so the leaves are torch's own layers, every module that
-owns parameters directly (the modules activation-site faults hook) and every module that has hooks
-when the graph is captured (a mitigation's). A model whose forward cannot be traced (Python control
-flow on tensor values, unsupported calls) is reported with the reason, and evaluated in full.
+owns parameters directly (the modules activation-site faults hook), every module that has hooks
+when the graph is captured (a mitigation's), and torchrec's embedding collections (float and
+quantized EBC/EC) and FBGEMM's TBEs: called as one node, they run eagerly with their own modules'
+hooks, and tracing into them would bake their unregistered TBEs' tensors into the graph as
+constants. A model whose forward cannot be traced (Python control flow on tensor values,
+unsupported calls) is reported with the reason, and evaluated in full.
 """
 
 from __future__ import annotations
@@ -12,6 +15,8 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 from torch import fx, nn
+
+from ._jagged import is_collection
 
 __all__ = ["capture", "hooked_modules"]
 
@@ -25,6 +30,7 @@ class _LeafTracer(fx.Tracer):
         return (
             module_qualified_name in self.leaves
             or bool(m._parameters)
+            or is_collection(m)
             or super().is_leaf_module(m, module_qualified_name)
         )
 

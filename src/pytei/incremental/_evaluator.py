@@ -9,9 +9,12 @@ are executed again, with their clean inputs taken from the cache (or recomputed 
 Embedding tables are finer: a faulted row reaches only the samples that read it (their ids are
 recorded in the clean pass), so a batch whose samples read no faulted row is skipped, and where the
 model is per-sample the affected samples alone are recomputed as a sub-batch and merged into the
-clean outputs. Results are bit-identical to a full evaluation: batches keep their composition,
-recomputed nodes run the same kernels on the same inputs, and sub-batches are used only at sizes
-verified, on the clean run, to give the rows of the full batch bit for bit.
+clean outputs. TorchRec embedding collections (EBC/EC, float or quantized) are one node each, fed a
+``KeyedJaggedTensor``: the samples that read a row of a table are those whose ids, under any of the
+features the table serves, include it; a sub-batch of a KJT keeps each chosen sample's ids in order.
+Results are bit-identical to a full evaluation: batches keep their composition, recomputed nodes
+run the same kernels on the same inputs, and sub-batches are used only at sizes verified, on the
+clean run, to give the rows of the full batch bit for bit.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from torch import fx, nn
 from ..errors import Faults
 from ._budget import default_budget, storages
 from ._capture import capture, hooked_modules
+from ._jagged import Collection, batch_rows, collections, feature_reads, take
 
 __all__ = ["CacheReport", "IncrementalEvaluator", "Outcome", "PATHS"]
 
@@ -40,6 +44,10 @@ _MIN_BUCKET = 8
 _MIN_COLUMNS = 16
 _COMPUTE_OPS = ("call_module", "call_function", "call_method")
 _EMBEDDINGS = (nn.Embedding, nn.EmbeddingBag)
+#: Where a table site's faults land: the nodes to re-run whole (a mask), the faulted rows per (node, table).
+_Placement = tuple[int, dict[tuple[int, str], torch.Tensor]]
+#: The placement of a table site that no graph node reads (the trial is evaluated in full).
+_UNPLACED: _Placement = (-1, {})
 
 
 @dataclass
@@ -180,6 +188,8 @@ class _Graph:
         self.by_storage: dict[int, int] = {}
         self.embeddings: dict[int, nn.Module] = {}
         self.linears: dict[int, nn.Linear] = {}
+        self.collections: dict[int, Collection] = {}
+        self.tabled = collections(model)
         self.called: set[str] = set()
         for i, n in enumerate(self.nodes):
             if n.op == "call_module":
@@ -193,6 +203,8 @@ class _Graph:
                     self.embeddings[i] = module
                 if type(module) is nn.Linear and len(n.args) == 1 and not n.kwargs and self.inputs[i]:
                     self.linears[i] = module
+                if str(n.target) in self.tabled:
+                    self.collections[i] = self.tabled[str(n.target)]
             elif n.op == "get_attr":
                 value = self.attr(str(n.target))
                 tensors = [value] if isinstance(value, torch.Tensor) else []
@@ -210,6 +222,18 @@ class _Graph:
 
     def name(self, i: int) -> str:
         return self.nodes[i].name
+
+    def calls(self, module: str) -> list[int] | None:
+        """The module-call nodes that run ``module`` (its own calls, or calls of the leaf holding it);
+        None when it runs inside traced code (modules under it are called, itself never)."""
+        nodes = [
+            i
+            for i, n in enumerate(self.nodes)
+            if n.op == "call_module" and (n.target == module or module.startswith(f"{n.target}."))
+        ]
+        if not nodes and any(c.startswith(f"{module}.") for c in self.called):
+            return None
+        return nodes
 
     def arguments(self, i: int, env: dict[int, Any]) -> tuple[Any, Any]:
         """Node ``i``'s args and kwargs with its input nodes replaced by their values in ``env``."""
@@ -276,7 +300,10 @@ class _Variant:
     flat: torch.Tensor = field(default_factory=lambda: torch.empty(0))
     bounds: list[int] = field(default_factory=list)
     values: dict[int, list[Any]] = field(default_factory=dict)
-    reads: dict[int, _Reads] = field(default_factory=dict)
+    reads: dict[tuple[int, str], _Reads] = field(default_factory=dict)
+    """Per (embedding node, table): who reads which row; the table is ``""`` for torch's own layers."""
+    hooks: frozenset[str] = frozenset()
+    """The modules that had hooks in the clean pass (``""``: the model itself)."""
     buckets: list[int] = field(default_factory=list)
     sliceable: int = 0
     plans: dict[tuple[int, bool], list[int]] = field(default_factory=dict)
@@ -294,11 +321,11 @@ class _Variant:
             return True
         return self.base is not None and not (self.dependent >> i) & 1 and i in self.base.values
 
-    def rows_read(self, i: int) -> _Reads | None:
-        if i in self.reads:
-            return self.reads[i]
-        if self.base is not None and not (self.dependent >> i) & 1:
-            return self.base.reads.get(i)
+    def rows_read(self, key: tuple[int, str]) -> _Reads | None:
+        if key in self.reads:
+            return self.reads[key]
+        if self.base is not None and not (self.dependent >> key[0]) & 1:
+            return self.base.reads.get(key)
         return None
 
 
@@ -306,7 +333,7 @@ def _read_rows(
     module: nn.Module, args: Sequence[Any], kwargs: Mapping[str, Any]
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(ids read, output row of each id) of one embedding call: which sample reads which row."""
-    ids = args[0].detach()
+    ids = (args[0] if args else kwargs["input"]).detach()
     if ids.dim() >= 2 or (isinstance(module, nn.Embedding) and ids.dim() == 1):
         per = ids[0].numel() if ids.dim() >= 2 else 1
         sample = torch.arange(ids.shape[0], dtype=torch.int64, device=ids.device).repeat_interleave(per)
@@ -350,7 +377,7 @@ class IncrementalEvaluator:
             **dict(model.named_buffers(remove_duplicate=False)),
         }
         #: Storages that exist anyway (inputs, parameters, buffers): keeping views of them costs nothing.
-        self._fixed = {t.untyped_storage().data_ptr() for b in self.batches for t in b} | {
+        self._fixed = {p for b in self.batches for t in b for p in storages(t)} | {
             t.untyped_storage().data_ptr() for t in self._tensors.values()
         }
 
@@ -399,11 +426,11 @@ class IncrementalEvaluator:
         if base is not None and base.graph is not g:
             base = None
         dependent = 0
-        for name in hooked:
-            for i, n in enumerate(g.nodes):
-                if n.op == "call_module" and n.target == name:
-                    dependent |= g.desc[i]
+        for name in hooked - {""}:
+            for i in g.calls(name) or ():
+                dependent |= g.desc[i]
         v = _Variant(variant, g, base, dependent if base is not None else (1 << len(g.nodes)) - 1)
+        v.hooks = hooked
         first = not any(var.graph is g for var in self._variants.values())
         costs: list[float] = [0.0] * len(g.nodes)
         sizes: list[dict[int, int]] = [{} for _ in g.nodes]
@@ -413,15 +440,23 @@ class IncrementalEvaluator:
         per_sample = per_sample and not self.model.training
         verified: set[int] | None = None
         sliceable = -1
-        reads: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {}
+        reads: dict[tuple[int, str], list[tuple[torch.Tensor, torch.Tensor]]] = {}
         for b, batch in enumerate(self.batches):
             env = self._run_all(g, batch, costs if b == 0 else None)
             final = self._finish(batch, env[g.output])
             v.outputs.append(final)
             for i, module in g.embeddings.items():
-                if (b == 0 and v.rows_read(i) is None) or i in reads:
+                if (b == 0 and v.rows_read((i, "")) is None) or (i, "") in reads:
                     args, kwargs = g.arguments(i, env)
-                    reads.setdefault(i, []).append(_read_rows(module, args, kwargs))
+                    reads.setdefault((i, ""), []).append(_read_rows(module, args, kwargs))
+            for i, collection in g.collections.items():
+                args, kwargs = g.arguments(i, env)
+                kjt = args[0] if args else kwargs.get("features")
+                if collection.remapped or batch_rows(kjt) is None or isinstance(kjt, torch.Tensor):
+                    continue
+                for table, features in collection.features.items():
+                    if (b == 0 and v.rows_read((i, table)) is None) or (i, table) in reads:
+                        reads.setdefault((i, table), []).append(feature_reads(kjt, features))
             if b == 0:
                 written = _written(g, env)
                 for i in range(len(g.nodes)):
@@ -448,7 +483,7 @@ class IncrementalEvaluator:
         v.bounds = [0]
         for o in v.outputs:
             v.bounds.append(v.bounds[-1] + o.numel())
-        rows = [batch[0].shape[0] if batch else 0 for batch in self.batches]
+        rows = [(batch_rows(batch[0]) or -1) if batch else 0 for batch in self.batches]
         if v.bounds[1:] != list(torch.tensor(rows).cumsum(0).tolist()):
             v.buckets, v.sliceable = [], 0  # outputs are not one per sample: no sub-batches
         if not _same(v.flat, reference.float().reshape(-1)):
@@ -500,7 +535,7 @@ class IncrementalEvaluator:
         """Nodes whose values to keep for ``v``, greedily by saved compute (the node's own time and its
         ancestors') per byte while the estimate fits the budget; the rest are recomputed when needed."""
         gid = id(g)
-        rows = [b[0].shape[0] if b else 1 for b in self.batches]
+        rows = [(batch_rows(b[0]) or 1) if b else 1 for b in self.batches]
         scale = sum(rows) / max(rows[0], 1)  # batch 0's bytes -> all batches' (the last may be short)
         if first:
             for i, node in enumerate(g.nodes):
@@ -604,15 +639,15 @@ class IncrementalEvaluator:
     ) -> tuple[list[int], int]:
         """Sub-batch sizes whose rows equal the full batch's bit for bit, and the nodes whose values
         are per-sample (a sub-batch's value is the full value's rows), on this clean batch."""
-        rows = batch[0].shape[0]
-        if any(t.shape[0] != rows for t in batch):
+        rows = batch_rows(batch[0]) if batch else None
+        if rows is None or any(batch_rows(t) != rows for t in batch):
             return [], 0
         ok: list[int] = []
         sliceable = -1
         size = _MIN_BUCKET
         while size < rows:
             idx = torch.randperm(rows, generator=generator)[:size].sort().values
-            sub_batch = tuple(t[idx] for t in batch)
+            sub_batch = tuple(take(t, idx) for t in batch)
             sub_env = self._run_all(g, sub_batch, None)
             sub_out = self._finish(sub_batch, sub_env[g.output])
             if isinstance(full_out, torch.Tensor) and _same(sub_out, full_out[idx]):
@@ -641,21 +676,42 @@ class IncrementalEvaluator:
 
     @torch.no_grad()
     def evaluate(
-        self, variant: str, faults: Mapping[str, Faults], hooked: Sequence[str] = ()
+        self,
+        variant: str,
+        faults: Mapping[str, Faults],
+        hooked: Sequence[str] = (),
+        *,
+        numels: Mapping[str, int] | None = None,
     ) -> Outcome | None:
         """Outputs under ``faults`` (tensor name -> faults, now in the model) and activation hooks on
-        the modules ``hooked``; None when this trial needs a full evaluation (not captured, or a fault
-        the graph cannot place)."""
+        the modules ``hooked`` (any other module hooked since the clean pass counts as hooked too);
+        None when this trial needs a full evaluation (not captured, or a fault the graph cannot place).
+        ``numels``: the size of each faulted tensor (a fault map's), which places faults in the rows
+        of embedding-table sites that are views of a collection's storage (quantized fields)."""
         v = self._variants.get(variant)
         if v is None:
             return None
+        now = hooked_modules(self.model)
+        if v.hooks - now or "" in now - v.hooks:
+            return None  # hooks the clean pass ran are gone, or the model itself gained one
+        hooked = sorted({*hooked, *(now - v.hooks)} - {""})
         g = v.graph
         dense = 0
-        rows: dict[int, torch.Tensor] = {}
+        rows: dict[tuple[int, str], torch.Tensor] = {}
         columns: dict[int, torch.Tensor] = {}
         whole: set[int] = set()
         for name, f in faults.items():
             if not len(f):
+                continue
+            placed = self._table_rows(v, name, f, numels)
+            if placed is _UNPLACED:
+                return None
+            if placed is not None:
+                mask, table_rows = placed
+                dense |= mask
+                whole.update(_bits(mask))
+                for key, bad in table_rows.items():
+                    rows[key] = torch.cat([rows[key], bad]) if key in rows else bad
                 continue
             tensor = self._tensors.get(name)
             if tensor is None:
@@ -665,9 +721,9 @@ class IncrementalEvaluator:
                 return None  # read outside the graph's nodes: cannot tell what it reaches
             i = mask.bit_length() - 1
             module = g.embeddings.get(i) if mask == 1 << i else None
-            if module is not None and module.weight is tensor and v.rows_read(i) is not None:
+            if module is not None and module.weight is tensor and v.rows_read((i, "")) is not None:
                 bad = torch.unique(f.index.to(torch.int64) // module.weight.shape[1])
-                rows[i] = torch.cat([rows[i], bad]) if i in rows else bad
+                rows[(i, "")] = torch.cat([rows[(i, "")], bad]) if (i, "") in rows else bad
                 continue
             dense |= mask
             linear = g.linears.get(i) if mask == 1 << i and v.columns.get(i) and v.has(i) else None
@@ -678,18 +734,18 @@ class IncrementalEvaluator:
             else:
                 whole.add(i)
         for name in hooked:
-            nodes = [i for i, n in enumerate(g.nodes) if n.op == "call_module" and n.target == name]
-            if not nodes and any(c.startswith(f"{name}.") for c in g.called):
+            nodes = g.calls(name)
+            if nodes is None:
                 return None  # hooked inside the graph, not at a module call: cannot place it
             for i in nodes:
                 dense |= 1 << i
                 whole.add(i)
         narrow = self._narrow(v, columns, whole, dense)
-        readers: dict[int, dict[int, torch.Tensor]] = {}
-        for i, bad in rows.items():
-            found = v.rows_read(i)
+        readers: dict[tuple[int, str], dict[int, torch.Tensor]] = {}
+        for key, bad in rows.items():
+            found = v.rows_read(key)
             assert found is not None
-            readers[i] = found.readers(torch.unique(bad))
+            readers[key] = found.readers(torch.unique(bad))
         out = v.flat
         recomputed: list[torch.Tensor] = []
         used_samples = False
@@ -697,7 +753,7 @@ class IncrementalEvaluator:
         for b, batch in enumerate(self.batches):
             seeds = dense
             samples: list[torch.Tensor] = []
-            for i, by_batch in readers.items():
+            for (i, _), by_batch in readers.items():
                 if b in by_batch:
                     seeds |= 1 << i
                     samples.append(by_batch[b])
@@ -725,6 +781,48 @@ class IncrementalEvaluator:
             return Outcome(v.flat, "clean", torch.empty(0, dtype=torch.int64))
         path = "subgraph" if dense else ("samples" if used_samples else "rows")
         return Outcome(out, path, torch.cat(recomputed), narrowed)
+
+    def _table_rows(
+        self, v: _Variant, name: str, f: Faults, numels: Mapping[str, int] | None
+    ) -> _Placement | None:
+        """Where the faults ``f`` of site ``name`` land if it is (a field of) a torchrec/FBGEMM table:
+        the nodes to re-run whole (a mask) and the faulted rows per (collection node, table) when they
+        can be placed (a known site size, no pruning remap, reads recorded, the storage read by those
+        nodes alone); None if the site is no such table's; ``_UNPLACED`` if no graph node reads it."""
+        g = v.graph
+        owners = [(c, t) for c in g.tabled.values() if (t := c.table_of(name)) is not None]
+        if not owners:
+            return None
+        keys = [(i, t) for c, t in owners for i, n in g.collections.items() if n is c]
+        nodes = {i for i, _ in keys}
+        for c, _ in owners:
+            if not any(g.collections.get(i) is c for i in nodes):
+                called = g.calls(c.path)  # run inside another leaf: re-run that one whole
+                if not called:
+                    return _UNPLACED
+                nodes.update(called)
+        mask = sum(1 << i for i in nodes)
+        tensor = self._tensors.get(name)
+        if tensor is not None:
+            mask |= g.by_storage.get(tensor.untyped_storage().data_ptr(), 0)
+        numel = numels.get(name) if numels is not None else None
+        if numel is None and tensor is not None and all(c.own_weights for c, _ in owners):
+            numel = tensor.numel()  # a float collection's own weight is the site itself
+        i, table = keys[0] if keys else (-1, "")
+        count = g.collections[i].rows[table] if keys else 0
+        placeable = (
+            numel is not None
+            and count > 0
+            and numel % count == 0
+            and mask == sum(1 << j for j, _ in keys)
+            and not any(c.remapped for c, _ in owners)
+            and all(v.rows_read(key) is not None for key in keys)
+        )
+        if not placeable:
+            return mask, {}
+        assert numel is not None
+        bad = torch.unique(f.index.to(torch.int64) // (numel // count))
+        return 0, {key: bad for key in keys}
 
     @staticmethod
     def _narrow(
@@ -800,7 +898,7 @@ class IncrementalEvaluator:
                 node = g.nodes[j]
                 if node.op == "placeholder":
                     value = self._placeholder(g, j, batch)
-                    env[j] = value[idx] if sub and isinstance(value, torch.Tensor) else value
+                    env[j] = take(value, idx) if idx is not None and g.placeholders[j] < len(batch) else value
                 elif node.op == "get_attr":
                     env[j] = g.attr(str(node.target))
                 elif not (needed >> j) & 1:
@@ -827,12 +925,13 @@ class IncrementalEvaluator:
     ) -> None:
         """Recompute the ``affected`` samples of batch ``b`` as one sub-batch of a verified ``size``
         (padded with unaffected rows, whose values are clean) and write them into ``out``."""
-        rows = batch[0].shape[0]
+        rows = batch_rows(batch[0])
+        assert rows is not None  # sub-batches are verified only for batches of samples
         free = torch.ones(rows, dtype=torch.bool)
         free[affected] = False
         pad = free.nonzero().squeeze(1)[: size - affected.numel()]
         idx, order = torch.sort(torch.cat([affected, pad]))
         env = self._run_dirty(v, b, batch, dirty, idx)
-        values = self._finish(tuple(t[idx] for t in batch), env[v.graph.output]).float().reshape(-1)
+        values = self._finish(tuple(take(t, idx) for t in batch), env[v.graph.output]).float().reshape(-1)
         where = (order < affected.numel()).nonzero().squeeze(1)
         out[v.bounds[b] + idx[where]] = values[where]
