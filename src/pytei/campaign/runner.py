@@ -155,7 +155,7 @@ class ModelRunner:
         if trial.site == "weights" and not faults:
             return clean, "clean", torch.empty(0, dtype=torch.int64)
         hooked = list(report.per_activation) if trial.site == "activations" else []
-        outcome = self.evaluator.evaluate(trial.mitigation, faults, hooked)
+        outcome = self.evaluator.evaluate(trial.mitigation, faults, hooked, numels=report.fault_map.numels)
         if outcome is None:
             return self._forward_all(), "full", None
         rows = outcome.recomputed
