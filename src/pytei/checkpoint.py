@@ -8,6 +8,10 @@ Integrity: the metadata records the sha256 of ``model.safetensors``; ``load_chec
 it, so a flipped byte in the weights is refused, not loaded. Both files are written aside and
 renamed into place (weights first, metadata last), so a failed save (a full disk) leaves no
 half-written file under the final names.
+
+Quantized inference checkpoints (``pytei quantize``) record ``model.quantization.dtype``; loading
+rebuilds the float model from its config, quantizes it the same way (``pytei.torchrec.quantize``)
+and writes the stored table bytes (codes, scale, bias, padding) back into it, bit for bit.
 """
 
 from __future__ import annotations
@@ -26,13 +30,15 @@ from . import models
 from .data import CTRDataset
 from .data import load as load_data
 from .data.dataset import file_sha256
-from .exceptions import CheckpointError
+from .exceptions import ArgumentError, CheckpointError
 
 __all__ = ["Checkpoint", "save_checkpoint", "load_checkpoint", "weights_sha256", "WEIGHTS", "META"]
 
 WEIGHTS = "model.safetensors"
 META = "meta.json"
 _FORMAT = "pytei.checkpoint/1"
+#: Key of the quantization dtype in a quantized checkpoint's safetensors header.
+_QUANT_KEY = "pytei.quantization"
 
 #: Keys every checkpoint's metadata has, by section (checked at load, so a missing one names itself).
 _REQUIRED: dict[str, tuple[str, ...]] = {
@@ -70,15 +76,27 @@ def save_checkpoint(
     data_dir: str | Path | None = None,
     data_options: dict | None = None,
     scores: dict | None = None,
+    origin: dict | None = None,
 ) -> Path:
-    """Write ``model`` and the metadata that rebuilds it and its test split to ``directory``."""
-    from safetensors.torch import save_model
+    """Write ``model`` and the metadata that rebuilds it and its test split to ``directory``.
+
+    A model quantized by ``pytei.torchrec.quantize`` is stored as its dense tensors and table bytes,
+    with its dtype and the torchrec / FBGEMM versions; ``origin`` (e.g. the float checkpoint it was
+    made from) is recorded as it is.
+    """
+    from safetensors.torch import save_file, save_model
 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
+    quantized = _quantization(model)
+    model_meta: dict = {"name": model.name, "config": model.config}
+    versions = {"pytei": version("pytei"), "torch": torch.__version__, "python": platform.python_version()}
+    if quantized is not None:
+        model_meta["quantization"] = {"dtype": quantized}
+        versions.update({dist: version(dist) for dist in ("torchrec", "fbgemm-gpu-cpu")})
     meta = {
         "format": _FORMAT,
-        "model": {"name": model.name, "config": model.config},
+        "model": model_meta,
         "data": {
             "name": data.name,
             "data_dir": str(Path(data_dir).resolve()) if data_dir is not None else None,
@@ -91,15 +109,19 @@ def save_checkpoint(
             "sizes": {"train": len(data.train), "valid": len(data.valid), "test": len(data.test)},
         },
         "scores": scores or {},
-        "versions": {
-            "pytei": version("pytei"),
-            "torch": torch.__version__,
-            "python": platform.python_version(),
-        },
+        "versions": versions,
     }
+    if origin is not None:
+        meta["origin"] = origin
     tmp_weights, tmp_meta = directory / (WEIGHTS + ".tmp"), directory / (META + ".tmp")
     try:
-        save_model(model.cpu(), str(tmp_weights))
+        if quantized is not None:
+            from .torchrec.quantize import quantized_state
+
+            # The dtype also goes into the weights' own header, which their sha256 covers.
+            save_file(quantized_state(model), str(tmp_weights), metadata={_QUANT_KEY: quantized})
+        else:
+            save_model(model.cpu(), str(tmp_weights))
         meta["weights"] = {"file": WEIGHTS, "sha256": weights_sha256(tmp_weights)}
         with open(tmp_meta, "w", encoding="utf-8") as f:
             f.write(json.dumps(meta, indent=2) + "\n")
@@ -113,6 +135,51 @@ def save_checkpoint(
         tmp_meta.unlink(missing_ok=True)
         raise
     return directory
+
+
+def _quantization(model: nn.Module) -> str | None:
+    """The quantization dtype of a model made by ``pytei.torchrec.quantize`` (None otherwise)."""
+    from .torchrec.quantize import quantization_of  # imports no torchrec
+
+    return quantization_of(model)
+
+
+def _quantize(model: nn.Module, meta: dict, path: Path) -> nn.Module:
+    """The float ``model`` quantized as the metadata at ``path`` records."""
+    from .torchrec.quantize import quantize
+
+    spec = meta["model"]["quantization"]
+    dtype = spec.get("dtype") if isinstance(spec, dict) else None
+    if not isinstance(dtype, str):
+        raise CheckpointError(f"{path}: 'model.quantization' must be an object with a 'dtype', got {spec!r}")
+    try:
+        return quantize(model, dtype, inplace=True)
+    except ArgumentError as err:
+        raise CheckpointError(f"{path}: cannot quantize the model as recorded: {err}") from err
+
+
+def _check_quantized(weights: Path, dtype: str) -> None:
+    """Refuse weights whose own header names another quantization dtype than the metadata."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(weights), framework="pt") as f:
+            stored = (f.metadata() or {}).get(_QUANT_KEY)
+    except (SafetensorError, OSError) as err:
+        raise CheckpointError(f"corrupt checkpoint weights {weights}: {err}") from err
+    if stored != dtype:
+        raise CheckpointError(
+            f"{weights.parent / META} records quantization {dtype!r}, but the tables in {weights} are "
+            f"{stored!r} (was the metadata edited?)"
+        )
+
+
+def _load_quantized(model: nn.Module, weights: Path) -> None:
+    from safetensors.torch import load_file
+
+    from .torchrec.quantize import load_quantized_state
+
+    load_quantized_state(model, load_file(str(weights)))
 
 
 def _read_meta(directory: Path) -> dict:
@@ -162,6 +229,10 @@ def load_checkpoint(
         model = models.create(meta["model"]["name"], **meta["model"]["config"])
     except (KeyError, TypeError) as err:
         raise CheckpointError(f"{directory / META}: cannot rebuild the model: {err}") from err
+    quantized = None
+    if meta["model"].get("quantization") is not None:
+        model = _quantize(model, meta, directory / META)
+        quantized = _quantization(model)
     weights = directory / WEIGHTS
     if not weights.is_file():
         raise FileNotFoundError(f"{directory} is not a pytei checkpoint: {WEIGHTS} is missing")
@@ -171,9 +242,14 @@ def load_checkpoint(
             f"corrupt checkpoint weights {weights}: sha256 {found[:16]}... differs from the "
             f"{str(meta['weights']['sha256'])[:16]}... recorded in {META} (the file changed after saving)"
         )
+    if quantized is not None:
+        _check_quantized(weights, quantized)
     try:
-        load_model(model, str(weights), strict=True)
-    except (SafetensorError, RuntimeError, OSError) as err:
+        if quantized is not None:
+            _load_quantized(model, weights)
+        else:
+            load_model(model, str(weights), strict=True)
+    except (SafetensorError, RuntimeError, OSError, ValueError) as err:
         raise CheckpointError(f"corrupt checkpoint weights {weights}: {err}") from err
     model.to(device).eval()
     data = None

@@ -1,4 +1,4 @@
-"""Command-line interface: ``pytei demo | describe | train | inject | campaign | report | reproduce``.
+"""Command-line interface: ``pytei demo|describe|train|inject|quantize|campaign|report|reproduce``.
 
 Error policy. A :class:`~pytei.exceptions.PyteiError` (bad input, a detected fault) or a path that
 is missing or unreadable is the user's to fix: it prints as one line ``error: <message>`` on stderr,
@@ -236,6 +236,55 @@ def _cmd_inject(args: argparse.Namespace, console: Console) -> None:
                 f"{s['rmse']:.3g}",
             )
     console.print(table)
+
+
+def _cmd_quantize(args: argparse.Namespace, console: Console) -> None:
+    from . import metrics
+    from .checkpoint import load_checkpoint, save_checkpoint
+    from .outputs import check_output_dir
+    from .torchrec import require
+    from .torchrec.quantize import quant_type, quantize
+    from .train import predict
+
+    _load_plugins(args)
+    qtype = quant_type(args.dtype)  # a bad --dtype is refused before anything is loaded
+    require("pytei quantize")
+    source, out = Path(args.checkpoint).expanduser(), check_output_dir(args.out, "--out")
+    if out.exists() and source.exists() and out.resolve() == source.resolve():
+        raise CLIError(f"--out {args.out} is the float checkpoint itself; write the quantized one elsewhere")
+    with _checking("checkpoint"):
+        ckpt = load_checkpoint(source, data_dir=args.data_dir)
+    name = ckpt.meta["model"]["name"]
+    model = quantize(ckpt.model, qtype.name)
+    test = ckpt.test
+    float_logits = predict(ckpt.model, test, batch_size=args.batch_size)
+    quant_logits = predict(model, test, batch_size=args.batch_size)
+    before = metrics.score(float_logits, test.labels)
+    after = metrics.score(quant_logits, test.labels, golden=float_logits)
+    scores = {
+        "test_auc": after["auc"],
+        "test_logloss": after["logloss"],
+        "float_test_auc": before["auc"],
+        "float_test_logloss": before["logloss"],
+        "rmse_vs_float": after["rmse"],
+        "float": ckpt.meta.get("scores", {}),
+    }
+    d = ckpt.meta["data"]
+    written = save_checkpoint(
+        out,
+        model,
+        ckpt.data,
+        data_dir=args.data_dir if args.data_dir is not None else d["data_dir"],
+        data_options=d["options"],
+        scores=scores,
+        origin={"checkpoint": str(source.resolve()), "weights_sha256": ckpt.meta["weights"]["sha256"]},
+    )
+    _say(
+        console,
+        f"{name} on {d['name']} ({len(test):,} test rows): test AUC fp32 {before['auc']:.6f}, "
+        f"{qtype.name} {after['auc']:.6f} (change {after['auc'] - before['auc']:+.6f}); "
+        f"logit RMSE vs fp32 {after['rmse']:.3g} -> checkpoint {written}",
+    )
 
 
 def _executor_options(args: argparse.Namespace) -> dict[str, Any]:
@@ -512,6 +561,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=_count(0), default=0, help="seed of the first trial")
     p.add_argument("--data-dir", help="where the data set is now, if it moved since training")
     _plugin_flag(p)
+
+    p = command(
+        sub,
+        "quantize",
+        "quantize a TorchRec checkpoint's embedding tables for inference; AUC before and after",
+        _cmd_quantize,
+    )
+    p.add_argument("checkpoint", help="float checkpoint directory of a TorchRec model ('pytei train')")
+    p.add_argument(
+        "--dtype",
+        required=True,
+        metavar="DTYPE",
+        help="row format of the tables: int8, int4, int2 (codes with an fp16 scale and bias per row) or fp16",
+    )
+    p.add_argument("--out", required=True, help="directory of the quantized checkpoint to write")
+    p.add_argument("--data-dir", help="where the data set is now, if it moved since training")
+    p.add_argument("--batch-size", type=_count(1), default=8192, help="rows scored per forward pass")
+    _plugin_flag(p)
+    _threads_flag(p)
 
     campaign = sub.add_parser(
         "campaign",
