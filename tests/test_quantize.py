@@ -323,3 +323,26 @@ def test_quantize_cli_user_errors_are_one_line(tmp_path, capsys, monkeypatch):
     err = fails(str(ckpt), "--dtype", "int8", "--out", str(tmp_path / "x"))
     assert "pytei quantize needs the optional extra pytei[torchrec]; missing: torchrec" in err
     assert not (tmp_path / "x").exists()
+
+
+def test_a_quantized_checkpoint_runs_in_a_campaign(tmp_path, capsys):
+    from pytei.results import load as load_trials
+
+    ckpt = _train(tmp_path, "quant-test-rec", capsys)
+    quant = tmp_path / "int8"
+    assert main(["quantize", str(ckpt), "--dtype", "int8", "--out", str(quant)]) == 0
+    spec = tmp_path / "spec.toml"
+    spec.write_text(
+        'name = "quantized"\nruns = 2\nmetrics = ["auc", "rmse"]\n'
+        'targets = [{ component = "embedding", fields = ["codes"] }, '
+        '{ component = "embedding", fields = ["scale", "bias"] }]\n'
+        f'[[models]]\ncheckpoint = "{quant}"\nlabel = "int8"\n'
+        '[errors]\nmodel = "BitFlip"\nrates = [1e-2]\n'
+    )
+    db = tmp_path / "q.db"
+    assert main(["campaign", "run", str(spec), "--db", str(db)]) == 0
+    trials = load_trials(db)
+    assert len(trials) == 4 and set(trials["status"]) == {"ok"}
+    assert (trials["n_faults"] > 0).all()
+    baseline = load_checkpoint(quant).meta["scores"]["test_auc"]
+    assert set(trials["baseline_auc"]) == {baseline}  # the campaign scored the quantized model

@@ -269,11 +269,12 @@ def _cmd_quantize(args: argparse.Namespace, console: Console) -> None:
         "rmse_vs_float": after["rmse"],
         "float": ckpt.meta.get("scores", {}),
     }
-    d = ckpt.meta["data"]
+    d, data = ckpt.meta["data"], ckpt.data
+    assert data is not None  # loaded with its data (ckpt.test above)
     written = save_checkpoint(
         out,
         model,
-        ckpt.data,
+        data,
         data_dir=args.data_dir if args.data_dir is not None else d["data_dir"],
         data_options=d["options"],
         scores=scores,

@@ -139,8 +139,9 @@ def _float_collections(model: nn.Module) -> list[str]:
     ]
 
 
-def _quant_collections(model: nn.Module) -> Iterator[tuple[str, str, nn.Module]]:
-    """``(path, table attribute, module)`` of every quantized TorchRec collection in ``model``."""
+def _quant_collections(model: nn.Module) -> Iterator[tuple[str, str, Any]]:
+    """``(path, table attribute, module)`` of every quantized TorchRec collection in ``model`` (Any: torchrec
+    is not typed for mypy here)."""
     from torchrec.quant.embedding_modules import EmbeddingBagCollection, EmbeddingCollection
 
     for path, module in model.named_modules():
