@@ -226,6 +226,18 @@ def test_bad_requests_are_argument_errors_naming_the_value():
         quantize(model, "int8")
 
 
+@pytest.mark.parametrize(("dtype", "multiple"), [("int8", 2), ("int4", 4), ("int2", 8)])
+def test_an_embedding_dim_fbgemm_cannot_pack_is_refused(dtype, multiple):
+    torch.manual_seed(0)
+    model = QuantTestRec(field_dims=FIELD_DIMS, embed_dim=multiple + multiple // 2)
+    with pytest.raises(
+        ArgumentError, match=rf"embedding_dim {multiple + multiple // 2} .* a multiple of {multiple}"
+    ):
+        quantize(model, dtype)
+    quantize(QuantTestRec(field_dims=FIELD_DIMS, embed_dim=multiple), dtype)
+    quantize(QuantTestRec(field_dims=FIELD_DIMS, embed_dim=3), "fp16")
+
+
 def test_a_checkpoint_whose_recorded_dtype_was_edited_is_refused(tmp_path):
     data = load("synthetic-ctr", seed=0, layout="dense+sparse", **DATA_OPTIONS)
     out = save_checkpoint(tmp_path / "q", quantize(_model(), "int8"), data, data_options=DATA_OPTIONS)

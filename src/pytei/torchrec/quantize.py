@@ -156,8 +156,9 @@ def _model_name(model: nn.Module) -> str:
     return repr(name) if isinstance(name, str) and name else type(model).__name__
 
 
-def _check_range(model: nn.Module, qtype: QuantType) -> None:
-    """Refuse float tables whose values fp16 (the rows, or their scale and bias) cannot hold."""
+def _check_tables(model: nn.Module, qtype: QuantType) -> None:
+    """Refuse float tables that FBGEMM cannot store as ``qtype``: a row of codes must fill whole
+    2-byte words (the fp16 scale and bias after it must be aligned), and fp16 must hold the values."""
     from torchrec.modules.embedding_modules import EmbeddingBagCollection, EmbeddingCollection
 
     for path, module in model.named_modules():
@@ -165,6 +166,12 @@ def _check_range(model: nn.Module, qtype: QuantType) -> None:
             continue
         for name, tensor in module.state_dict().items():
             values = tensor.detach()
+            dim = values.shape[1]
+            if qtype.rowwise and dim * qtype.bits % 16:
+                raise ArgumentError(
+                    f"{path}.{name}: embedding_dim {dim} cannot be quantized to {qtype.name}: FBGEMM needs "
+                    f"a multiple of {16 // qtype.bits} (codes in whole 2-byte words)"
+                )
             if not bool(torch.isfinite(values).all()):
                 raise ArgumentError(
                     f"{path}.{name}: the table holds NaN or Inf values; it cannot be quantized"
@@ -202,7 +209,7 @@ def quantize(model: nn.Module, dtype: str, *, inplace: bool = False) -> nn.Modul
         raise ArgumentError(
             f"{type(model).__name__} is itself a TorchRec collection: quantize the model that holds it"
         )
-    _check_range(model, qtype)
+    _check_tables(model, qtype)
     from torchrec.inference.modules import quantize_inference_model
 
     target = model if inplace else copy.deepcopy(model)
