@@ -231,7 +231,9 @@ def load_checkpoint(
         raise CheckpointError(f"{directory / META}: cannot rebuild the model: {err}") from err
     quantized = None
     if meta["model"].get("quantization") is not None:
-        model = _quantize(model, meta, directory / META)
+        # TorchRec builds the TBEs where the float tables are (FBGEMM's tables are no buffers that
+        # ``.to`` would move), so the float model goes to ``device`` first.
+        model = _quantize(model.to(device), meta, directory / META)
         quantized = _quantization(model)
     weights = directory / WEIGHTS
     if not weights.is_file():
