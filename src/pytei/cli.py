@@ -193,8 +193,11 @@ def _cmd_train(args: argparse.Namespace, console: Console) -> None:
     )
 
 
-def _dense_kw(cls: type, data: Any) -> dict[str, int]:
-    return {"dense_dim": data.dense_dim} if getattr(cls, "input_layout", None) == "dense+sparse" else {}
+def _dense_kw(cls: type, data: Any) -> dict[str, Any]:
+    layout = getattr(cls, "input_layout", None)
+    if layout == "dense+kjt":  # TorchRec models: the KJT keys the data set's batches carry
+        return {"dense_dim": data.dense_dim, "feature_names": data.sparse_names}
+    return {"dense_dim": data.dense_dim} if layout == "dense+sparse" else {}
 
 
 def _cmd_inject(args: argparse.Namespace, console: Console) -> None:

@@ -155,7 +155,7 @@ def _train_sample(train: Split, seed: int) -> tuple[Split, str]:
     if n <= TRAIN_AUC_ROWS:
         return train, f"all {n} training rows"
     rows = torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:TRAIN_AUC_ROWS].sort().values
-    sample = Split(tuple(t[rows] for t in train.inputs), train.labels[rows])
+    sample = train.take(rows)
     return sample, f"a fixed sample of {TRAIN_AUC_ROWS} of {n} training rows (seed {seed})"
 
 

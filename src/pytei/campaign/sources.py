@@ -178,14 +178,15 @@ class CheckpointSource:
             labels = labels[: model_spec["max_rows"]]
         calib_split = ckpt.data.train if model_spec.get("split") == "valid" else ckpt.data.valid
         calib = tuple(t[: 4 * batch_size] for t in calib_split.inputs)
+        collate = ckpt.data.model_inputs  # e.g. layout dense+kjt: a batch's ids as a KeyedJaggedTensor
         return Evaluation(
             key=key,
             label=ckpt.meta["model"]["name"],
             dataset=ckpt.meta["data"]["name"],
             model=ckpt.model.eval(),
-            batches=_cut(tuple(t.contiguous() for t in inputs), batch_size),
+            batches=[collate(b) for b in _cut(tuple(t.contiguous() for t in inputs), batch_size)],
             labels=labels.clone(),
-            calibration=_cut(calib, batch_size),
+            calibration=[collate(b) for b in _cut(calib, batch_size)],
         )
 
 

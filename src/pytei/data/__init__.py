@@ -9,7 +9,9 @@ synthetic one, each split 8:1:1 with a seeded permutation::
 Nothing is downloaded: file-based loaders read the real files from ``data_dir`` (the unzipped
 release); ``pytei.data.synthetic`` writes small files in the same formats for tests and demos.
 Layouts: ``"categorical"`` -> ``inputs = (x: int64 [N, F],)`` (FM family); ``"dense+sparse"`` ->
-``inputs = (dense: float32 [N, D], sparse: int64 [N, S])`` (DLRM; Criteo and synthetic-ctr only).
+``inputs = (dense: float32 [N, D], sparse: int64 [N, S])`` (DLRM; Criteo and synthetic-ctr only);
+``"dense+kjt"`` -> the same tensors, batched as ``(dense, KeyedJaggedTensor)`` (TorchRec models; see
+``pytei.data.kjt``).
 """
 
 from __future__ import annotations

@@ -11,19 +11,21 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
 import torch
 
 from ..exceptions import PyteiError
+from .kjt import DenseKJT, default_keys
 
 __all__ = [
     "LAYOUTS",
     "CTRDataset",
     "DataFileError",
+    "Collate",
     "Split",
     "check_layout",
     "file_sha256",
@@ -34,8 +36,13 @@ __all__ = [
 ]
 
 #: ``"categorical"``: ``inputs = (x: int64 [N, F],)``;
-#: ``"dense+sparse"``: ``inputs = (dense: float32 [N, D], sparse: int64 [N, S])``.
-LAYOUTS = ("categorical", "dense+sparse")
+#: ``"dense+sparse"``: ``inputs = (dense: float32 [N, D], sparse: int64 [N, S])``;
+#: ``"dense+kjt"``: the arrays of ``"dense+sparse"``, whose batches are ``(dense, KeyedJaggedTensor)``
+#: (TorchRec models; keys ``CTRDataset.sparse_names``; needs the extra ``pytei[torchrec]``).
+LAYOUTS = ("categorical", "dense+sparse", "dense+kjt")
+
+#: Turns a batch of a split's row-aligned tensors into the model's inputs (see ``Split.collate``).
+Collate = Callable[[tuple[torch.Tensor, ...]], tuple[Any, ...]]
 
 TRAIN, VALID, TEST = 0, 1, 2
 
@@ -51,10 +58,15 @@ class DataFileError(PyteiError, ValueError):
 
 @dataclass(frozen=True)
 class Split:
-    """Row-aligned model inputs and 0/1 float32 labels: ``model(*[t[i:j] for t in inputs])`` works."""
+    """Row-aligned input tensors and 0/1 float32 labels: ``model(*split.model_inputs(...))`` works.
+
+    ``collate`` (None: the tensors themselves) turns a batch of ``inputs`` into what the model takes;
+    layout ``"dense+kjt"`` sets it to build the batch's ``KeyedJaggedTensor``. ``batches`` applies it.
+    """
 
     inputs: tuple[torch.Tensor, ...]
     labels: torch.Tensor
+    collate: Collate | None = None
 
     def __post_init__(self) -> None:
         if self.labels.dtype != torch.float32 or self.labels.dim() != 1:
@@ -68,22 +80,35 @@ class Split:
     def __len__(self) -> int:
         return self.labels.shape[0]
 
+    def model_inputs(self, inputs: tuple[torch.Tensor, ...]) -> tuple[Any, ...]:
+        """A batch of this split's row-aligned tensors (any rows) as the model's inputs."""
+        return inputs if self.collate is None else self.collate(inputs)
+
+    def take(self, rows: torch.Tensor | slice) -> Split:
+        """The split of ``rows`` (indices or a slice), with the same ``collate``."""
+        return replace(self, inputs=tuple(t[rows] for t in self.inputs), labels=self.labels[rows])
+
     def batches(
         self, batch_size: int, *, shuffle: bool = False, generator: torch.Generator | None = None
-    ) -> Iterator[tuple[tuple[torch.Tensor, ...], torch.Tensor]]:
-        """Yield ``(inputs, labels)`` batches; unshuffled batches are views, shuffled ones gathered copies."""
+    ) -> Iterator[tuple[tuple[Any, ...], torch.Tensor]]:
+        """Yield ``(model inputs, labels)`` batches; unshuffled batches are views, shuffled ones gathered
+        copies (then collated, see ``collate``)."""
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         order = torch.randperm(len(self), generator=generator) if shuffle else None
         for start in range(0, len(self), batch_size):
             rows = slice(start, start + batch_size) if order is None else order[start : start + batch_size]
-            yield tuple(t[rows] for t in self.inputs), self.labels[rows]
+            yield self.model_inputs(tuple(t[rows] for t in self.inputs)), self.labels[rows]
 
 
 @dataclass(frozen=True)
 class CTRDataset:
     """A click-through-rate data set, split 8:1:1; ``field_dims`` are the vocabulary sizes of the
-    categorical fields (the sparse ones in the ``"dense+sparse"`` layout)."""
+    categorical fields (the sparse ones in the ``"dense+sparse"`` and ``"dense+kjt"`` layouts).
+
+    In layout ``"dense+kjt"`` the splits hold the ``"dense+sparse"`` tensors and each gets the
+    collate that builds a batch's ``KeyedJaggedTensor`` (keys ``sparse_names``), unless it has one.
+    """
 
     name: str
     layout: str
@@ -106,6 +131,21 @@ class CTRDataset:
                 raise ValueError(
                     f"{self.name}: split inputs do not match layout {self.layout!r}: widths {widths}"
                 )
+        if self.layout == "dense+kjt":
+            collate = DenseKJT(tuple(self.sparse_names))
+            for name in ("train", "valid", "test"):  # frozen: set once here, as a derived field
+                split = getattr(self, name)
+                if split.collate is None:
+                    object.__setattr__(self, name, replace(split, collate=collate))
+
+    @property
+    def sparse_names(self) -> list[str]:
+        """Names of the categorical fields, the KJT keys of layout ``"dense+kjt"``: ``cat_0 ..``."""
+        return default_keys(len(self.field_dims))
+
+    def model_inputs(self, inputs: tuple[torch.Tensor, ...]) -> tuple[Any, ...]:
+        """A batch of this data set's row-aligned tensors (any split's) as the model's inputs."""
+        return self.test.model_inputs(inputs)
 
     @property
     def splits(self) -> dict[str, Split]:

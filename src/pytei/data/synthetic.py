@@ -157,11 +157,11 @@ def load_synthetic(
     data_seed: int = 0,
 ) -> CTRDataset:
     """``synthetic-ctr``: generated in memory (``data_dir`` is ignored). ``dense_dim`` defaults to 13
-    in the ``"dense+sparse"`` layout and must be 0 (or None) in the ``"categorical"`` one;
-    ``data_seed`` seeds the data, ``seed`` the split."""
+    in the ``"dense+sparse"`` and ``"dense+kjt"`` layouts and must be 0 (or None) in the
+    ``"categorical"`` one; ``data_seed`` seeds the data, ``seed`` the split."""
     check_layout("synthetic-ctr", layout)
     if dense_dim is None:
-        dense_dim = DEFAULT_DENSE_DIM if layout == "dense+sparse" else 0
+        dense_dim = DEFAULT_DENSE_DIM if layout != "categorical" else 0
     if layout == "categorical" and dense_dim:
         raise ValueError(
             f"synthetic-ctr: the categorical layout has no dense features, got dense_dim={dense_dim}"

@@ -11,7 +11,7 @@ shape ``[batch]``, and tags its parts with ``pytei_component`` for the injector.
 
 from __future__ import annotations
 
-from . import dlrm, dummy, fm_family  # noqa: F401 - each registers its models
+from . import dlrm, dummy, fm_family, torchrec_zoo  # noqa: F401 - each registers its models
 from ._registry import create, get, names, register
 from .dummy import dummy_inputs
 from .layers import INPUT_LAYOUTS, RecModel

@@ -41,7 +41,7 @@ __all__ = [
 #: What a model's ``forward`` takes; see ``RecModel.input_layout``. ``"custom"``: anything, produced by
 #: the model's own ``example_inputs(n, seed)`` (a plugin model a campaign scores on synthetic inputs;
 #: ``pytei train`` data sets do not fit it).
-INPUT_LAYOUTS = ("categorical", "dense+sparse", "dummy", "custom")
+INPUT_LAYOUTS = ("categorical", "dense+sparse", "dense+kjt", "dummy", "custom")
 
 M = TypeVar("M", bound=nn.Module)
 
@@ -62,7 +62,8 @@ class RecModel(nn.Module):
     #: Registry name, set by ``pytei.models.register``.
     name: ClassVar[str] = ""
     #: One of ``INPUT_LAYOUTS``: ``"categorical"`` -> ``forward(x: Long[B, F])``; ``"dense+sparse"`` ->
-    #: ``forward(dense: Float[B, D], sparse: Long[B, S])``; ``"dummy"`` -> ``forward(dense, sparse_0_1)``;
+    #: ``forward(dense: Float[B, D], sparse: Long[B, S])``; ``"dense+kjt"`` -> ``forward(dense: Float[B, D],
+    #: sparse: KeyedJaggedTensor)`` (TorchRec models); ``"dummy"`` -> ``forward(dense, sparse_0_1)``;
     #: ``"custom"`` -> ``forward(*self.example_inputs(n, seed))``.
     input_layout: ClassVar[str] = ""
     #: Names of the modules whose output is the model's logit: mitigations such as clipping never
