@@ -16,6 +16,7 @@ __all__ = [
     "available_memory",
     "default_budget",
     "parse_budget",
+    "storage_ptr",
     "storages",
     "tensors_in",
 ]
@@ -97,10 +98,22 @@ def tensors_in(value: Any) -> Iterable[torch.Tensor]:
         yield from tensors_in(vars(value))
 
 
+def _stored(t: torch.Tensor) -> torch.Tensor:
+    """The tensor whose storage holds ``t``'s data: ``t``, or the one a wrapper subclass without storage
+    of its own wraps (torchrec's ``UInt4Tensor``/``UInt2Tensor`` hold theirs in ``elem``)."""
+    inner = getattr(t, "elem", None)
+    return _stored(inner) if type(t) is not torch.Tensor and isinstance(inner, torch.Tensor) else t
+
+
+def storage_ptr(t: torch.Tensor) -> int:
+    """The data pointer of the storage holding ``t``'s data (its wrapped tensor's, for a wrapper)."""
+    return _stored(t).untyped_storage().data_ptr()
+
+
 def storages(value: Any) -> dict[int, int]:
     """``{storage pointer: bytes}`` of the storages a node value keeps alive."""
     out: dict[int, int] = {}
     for t in tensors_in(value):
-        s = t.untyped_storage()
+        s = _stored(t).untyped_storage()
         out[s.data_ptr()] = s.nbytes()
     return out

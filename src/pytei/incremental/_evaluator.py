@@ -30,7 +30,7 @@ import torch
 from torch import fx, nn
 
 from ..errors import Faults
-from ._budget import default_budget, storages
+from ._budget import default_budget, storage_ptr, storages
 from ._capture import capture, hooked_modules
 from ._jagged import Collection, batch_rows, collections, feature_reads, take
 
@@ -211,7 +211,7 @@ class _Graph:
             else:
                 continue
             for t in tensors:
-                ptr = t.untyped_storage().data_ptr()
+                ptr = storage_ptr(t)
                 self.by_storage[ptr] = self.by_storage.get(ptr, 0) | (1 << i)
 
     def attr(self, target: str) -> Any:
@@ -378,7 +378,7 @@ class IncrementalEvaluator:
         }
         #: Storages that exist anyway (inputs, parameters, buffers): keeping views of them costs nothing.
         self._fixed = {p for b in self.batches for t in b for p in storages(t)} | {
-            t.untyped_storage().data_ptr() for t in self._tensors.values()
+            storage_ptr(t) for t in self._tensors.values()
         }
 
     # --- clean passes ------------------------------------------------------------------------
@@ -716,7 +716,7 @@ class IncrementalEvaluator:
             tensor = self._tensors.get(name)
             if tensor is None:
                 return None
-            mask = g.by_storage.get(tensor.untyped_storage().data_ptr(), 0)
+            mask = g.by_storage.get(storage_ptr(tensor), 0)
             if not mask:
                 return None  # read outside the graph's nodes: cannot tell what it reaches
             i = mask.bit_length() - 1
@@ -804,7 +804,7 @@ class IncrementalEvaluator:
         mask = sum(1 << i for i in nodes)
         tensor = self._tensors.get(name)
         if tensor is not None:
-            mask |= g.by_storage.get(tensor.untyped_storage().data_ptr(), 0)
+            mask |= g.by_storage.get(storage_ptr(tensor), 0)
         numel = numels.get(name) if numels is not None else None
         if numel is None and tensor is not None and all(c.own_weights for c, _ in owners):
             numel = tensor.numel()  # a float collection's own weight is the site itself
