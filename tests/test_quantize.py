@@ -219,6 +219,14 @@ def test_bad_requests_are_argument_errors_naming_the_value():
         quantize(dlrm, "int8")
     with pytest.raises(ArgumentError, match=r"already quantized \(int4\)"):
         quantize(quantize(_model(), "int4"), "int8")
+
+    class MyEBC(EmbeddingBagCollection):
+        pass
+
+    model = _model()
+    model.ebc = MyEBC(tables=model.ebc.embedding_bag_configs(), device=torch.device("cpu"))
+    with pytest.raises(ArgumentError, match=r"left ebc of 'quant-test-rec' float \(.*MyEBC: .*exact type"):
+        quantize(model, "int8")
     model = _model()
     with torch.no_grad():
         model.ebc.embedding_bags["t1"].weight[3, 0] = 1e6

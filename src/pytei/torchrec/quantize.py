@@ -115,7 +115,7 @@ UNSUPPORTED: dict[str, str] = {
 def quant_type(name: str) -> QuantType:
     """The :class:`QuantType` called ``name``; an ``ArgumentError`` naming the allowed ones otherwise."""
     allowed = ", ".join(types.names())
-    if name in UNSUPPORTED:
+    if isinstance(name, str) and name in UNSUPPORTED:
         raise ArgumentError(
             f"quantization dtype {name!r} is not supported: {UNSUPPORTED[name]}; allowed: {allowed}"
         )
@@ -216,7 +216,12 @@ def quantize(model: nn.Module, dtype: str, *, inplace: bool = False) -> nn.Modul
     quantize_inference_model(target, quantization_dtype=qtype.dtype)
     left = _float_collections(target)
     if left:
-        raise ArgumentError(f"torchrec left the collections {', '.join(left)} of {_model_name(model)} float")
+        kinds = ", ".join(sorted({type(target.get_submodule(p)).__qualname__ for p in left}))
+        raise ArgumentError(
+            f"torchrec's quantize_inference_model left {', '.join(left)} of {_model_name(model)} float "
+            f"({kinds}: it converts EmbeddingBagCollection and EmbeddingCollection by their exact type, "
+            "not subclasses)"
+        )
     setattr(target, QUANT_ATTR, qtype.name)  # noqa: B010 - nn.Module's __setattr__ types Tensor | Module
     return target.eval()
 
