@@ -22,6 +22,10 @@ from pytei.models.layers import (
 
 ALLOWED_TAGS = {"embedding", "mlp", "attention", "interaction", "linear"}
 CTR_MODELS = ("fm", "dfm", "afm", "dcn", "wd")
+#: The zoo's TorchRec models (KJT inputs, optional extra): tests/test_torchrec_models.py covers them.
+TORCHREC_MODELS = ("dcnv2", "dlrm-torchrec")
+#: The models these tests build and trace (torch.fx.symbolic_trace cannot trace a KJT's EBC lookups).
+ZOO = [name for name in names() if name not in TORCHREC_MODELS]
 BATCH = 6
 
 #: Small configs that exercise every model; each field has a few values.
@@ -67,15 +71,15 @@ def tiny_model(request: pytest.FixtureRequest) -> nn.Module:
 
 
 def test_names_lists_every_model() -> None:
-    assert names() == sorted(TINY)
-    for name in names():
+    assert names() == sorted([*TINY, *TORCHREC_MODELS])
+    for name in ZOO:
         cls = type(create(name, **TINY[name]))
         assert cls.name == name
         assert cls.input_layout in models.INPUT_LAYOUTS
 
 
 def test_unknown_name_lists_allowed() -> None:
-    allowed = "afm, dcn, dfm, dlrm, dummy, fm, wd"
+    allowed = "afm, dcn, dcnv2, dfm, dlrm, dlrm-torchrec, dummy, fm, wd"
     with pytest.raises(ValueError, match=f"unknown model 'nope'; registered: {allowed}"):
         create("nope")
 
@@ -245,7 +249,7 @@ def bad_inputs(model: nn.Module) -> list[tuple[torch.Tensor, ...]]:
     return wrong + ([(dense, sparse.float())] if model.input_layout == "dense+sparse" else [])
 
 
-@pytest.mark.parametrize("name", names())
+@pytest.mark.parametrize("name", ZOO)
 def test_every_zoo_model_traces_and_matches_eager_bit_for_bit(name: str) -> None:
     torch.manual_seed(0)
     model = create(name, **TINY[name]).eval()
@@ -264,7 +268,7 @@ def test_every_zoo_model_traces_and_matches_eager_bit_for_bit(name: str) -> None
     assert torch.equal(traced(*inputs), expected)
 
 
-@pytest.mark.parametrize("name", names())
+@pytest.mark.parametrize("name", ZOO)
 def test_the_traced_model_refuses_bad_inputs_as_eager_does(name: str) -> None:
     model = create(name, **TINY[name]).eval()
     traced = torch.fx.symbolic_trace(model)
@@ -417,7 +421,7 @@ def test_cuda_matches_cpu(tiny_model: nn.Module) -> None:
     torch.testing.assert_close(out.cpu(), expected, rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("name", [n for n in names() if n != "fm"])
+@pytest.mark.parametrize("name", [n for n in ZOO if n != "fm"])
 def test_output_layers_are_the_last_linear(name: str) -> None:
     """``output_layers`` name the 1-wide Linear that computes the logit (mitigations skip it)."""
     kw: dict = {} if name == "dummy" else {"field_dims": [10, 20, 30]}
@@ -446,8 +450,8 @@ NO_MLP_DEPTH = {"fm": 0, "afm": 2}  # hidden Linears of the default config (afm:
 
 
 def _depth_cases() -> list[tuple[str, int]]:
-    cases = [(name, d) for name in names() if name in DEPTH_CONFIGS for d in (1, 2, 3)]
-    return cases + [(name, 0) for name in names() if name not in DEPTH_CONFIGS]
+    cases = [(name, d) for name in ZOO if name in DEPTH_CONFIGS for d in (1, 2, 3)]
+    return cases + [(name, 0) for name in ZOO if name not in DEPTH_CONFIGS]
 
 
 @pytest.mark.parametrize(("name", "depth"), _depth_cases())
