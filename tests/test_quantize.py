@@ -283,7 +283,7 @@ def _train(tmp_path: Path, model: str, capsys) -> Path:
 
 
 def test_quantize_cli_end_to_end(tmp_path, capsys):
-    ckpt = _train(tmp_path, "quant-test-rec", capsys)
+    ckpt = _train(tmp_path, "dlrm-torchrec", capsys)
     out = tmp_path / "int4"
     assert main(["quantize", str(ckpt), "--dtype", "int4", "--out", str(out)]) == 0
     text = capsys.readouterr().out
@@ -315,7 +315,7 @@ def test_quantize_cli_end_to_end(tmp_path, capsys):
 
 
 def test_quantize_cli_user_errors_are_one_line(tmp_path, capsys, monkeypatch):
-    ckpt = _train(tmp_path, "quant-test-rec", capsys)
+    ckpt = _train(tmp_path, "dlrm-torchrec", capsys)
 
     def fails(*argv: str) -> str:
         assert main(["quantize", *argv]) == 2
@@ -348,7 +348,7 @@ def test_quantize_cli_user_errors_are_one_line(tmp_path, capsys, monkeypatch):
 def test_a_quantized_checkpoint_runs_in_a_campaign(tmp_path, capsys):
     from pytei.results import load as load_trials
 
-    ckpt = _train(tmp_path, "quant-test-rec", capsys)
+    ckpt = _train(tmp_path, "dlrm-torchrec", capsys)
     quant = tmp_path / "int8"
     assert main(["quantize", str(ckpt), "--dtype", "int8", "--out", str(quant)]) == 0
     spec = tmp_path / "spec.toml"
