@@ -547,3 +547,22 @@ def test_an_unknown_field_names_the_key_and_what_is_allowed(tmp_path):
     text = variant(mlp, bad)
     with pytest.raises(SpecError, match=r"targets\[1\]\.fields.*codes, scale, bias, padding"):
         parse_spec(text, tmp_path)
+
+
+def test_bounded_targets_are_planned_with_the_indices_site_only(tmp_path):
+    text = variant('sites = ["weights", "activations"]', 'sites = ["weights", "indices"]')
+    text = variant(
+        '{ component = "mlp", params = "weight" }', '{ component = "embedding", bounds = "skip" }', text
+    )
+    spec = parse_spec(text, tmp_path)
+    assert spec.targets[1].name == "embedding@skip" and spec.targets[1].selection()["bounds"] == "skip"
+    trials = plan(spec)
+    bounded = [t for t in trials if t.target == "embedding@skip"]
+    assert bounded and {t.site for t in bounded} == {"indices"}
+    assert {t.mitigation for t in trials if t.site == "indices"} == {"none", "clip"}  # no memory-side ones
+    from pytei.campaign.plan import count_trials
+
+    assert count_trials(spec) == len(trials)
+    no_indices = variant('sites = ["weights", "indices"]', 'sites = ["weights"]', text)
+    with pytest.raises(SpecError, match=r'needs "indices" in sites'):
+        parse_spec(no_indices, tmp_path)

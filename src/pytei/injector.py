@@ -31,6 +31,7 @@ from .bits import BitLayout, bit_histogram, field_masks, int_view, layout, popco
 from .errors import ErrorModel, Faults, Words
 from .exceptions import ArgumentError, PyteiError
 from .faultmap import FaultMap
+from .indices import IndexStats, check_bounds, index_hook, lookups, reader_for
 from .sampling import generator_for
 from .targets import Site, select
 
@@ -45,8 +46,9 @@ __all__ = [
     "parameter_digest",
 ]
 
-#: Where errors go: stored tensors (memory errors) or layer outputs (transient compute errors).
-SITES = ("weights", "activations")
+#: Where errors go: stored tensors (memory errors), layer outputs (transient compute errors) or the ids
+#: embedding lookups read (``pytei.indices``: faults in the sparse inputs on their way to the tables).
+SITES = ("weights", "activations", "indices")
 
 
 class Protection(ABC):
@@ -382,6 +384,8 @@ class InjectionReport:
     protection: dict = field(default_factory=dict)
     per_activation: dict[str, int] = field(default_factory=dict)
     passes: int = 0
+    #: Index faults (the ``indices`` site): bits, ids changed and ids out of range over all passes.
+    indices: IndexStats | None = None
     #: Stored words each tensor exposes (fewer than its numel when it shares storage); absent: numel.
     exposed: dict[str, int] = field(default_factory=dict, repr=False)
     #: The table field (``codes``, ``scale``, ``bias``, ``padding``) of each targeted embedding-table site.
@@ -404,7 +408,7 @@ class InjectionReport:
 
     @property
     def n_faults(self) -> int:
-        """Total bits changed (in stored tensors, or in layer outputs over all passes so far)."""
+        """Total bits changed (in stored tensors, or in layer outputs or ids over all passes so far)."""
         return sum(self.per_parameter.values()) + sum(self.per_activation.values())
 
     @property
@@ -455,6 +459,8 @@ class InjectionReport:
         more = f", +{len(hit) - len(top)} more" if len(hit) > len(top) else ""
         error = _error_text(self.error)
         passes = f", passes={self.passes}" if self.site == "activations" else ""
+        if self.indices is not None:
+            passes = f", passes={self.indices.passes}, out_of_range={self.indices.out_of_range}"
         return (
             f"InjectionReport(site={self.site!r}, seed={self.seed}, error={error}, "
             f"n_faults={self.n_faults}, tensors_hit={len(hit)}/{len(counts)}{passes}, "
@@ -510,6 +516,8 @@ class Injector:
     :class:`Protection` that filters those faults before they land. ``site="activations"``
     corrupts the outputs of the modules that own the selected parameters on every forward pass
     while applied, with fresh faults each pass (transient compute errors, for inference).
+    ``site="indices"`` corrupts a copy of the ids that the selected embedding tables' lookups read, on
+    every pass; ``bounds`` says what an id pushed out of its table's range does (:mod:`pytei.indices`).
     """
 
     def __init__(
@@ -525,6 +533,7 @@ class Injector:
         seed: int | None = None,
         site: str = "weights",
         protect: Protection | None = None,
+        bounds: str = "zero",
     ) -> None:
         if not isinstance(error, ErrorModel):
             raise TypeError(f"error must be a pytei ErrorModel (e.g. BitFlip(ber=1e-6)), got {error!r}")
@@ -536,6 +545,10 @@ class Injector:
             raise TypeError(f"protect must be a pytei Protection (e.g. ProtectBits()), got {protect!r}")
         if protect is not None and site != "weights":
             raise ValueError("protect= filters memory errors and needs site='weights'")
+        check_bounds(bounds)
+        if bounds != "zero" and site != "indices":
+            raise ValueError(f"bounds={bounds!r} is what an out-of-range id does and needs site='indices'")
+        self.bounds = bounds
         self.error = error
         self.selection = _Selection(
             target=target, params=params, include=include, exclude=exclude, buffers=buffers, fields=fields
@@ -579,6 +592,8 @@ class Injector:
             self._claim = _claim(self, model, sites)
             if self.site == "activations":
                 report = self._apply_activations(model, sites, seed)
+            elif self.site == "indices":
+                report = self._apply_indices(model, sites, seed)
             else:
                 report = self._apply_weights(sites, seed)
             self._active = True
@@ -666,6 +681,31 @@ class Injector:
         for name in owners:
             hook = _activation_hook(self.error, name, generator_for(seed, name, "activations"), report)
             self._hooks.append(modules[name].register_forward_hook(hook, prepend=True))
+        return report
+
+    def _apply_indices(self, model: nn.Module, sites: list[Site], seed: int) -> InjectionReport:
+        """Hook the modules that look up the selected tables: fresh faults in a copy of their ids per pass."""
+        readers = lookups(model, [s.name for s in sites])
+        stats = IndexStats()
+        report = InjectionReport(
+            seed=seed,
+            site=self.site,
+            error=self.error.spec,
+            fault_map=FaultMap({}, {}, {}, {"seed": seed, "error": self.error.spec}),
+            components=dict.fromkeys(readers, "embedding"),
+            targeted_values=0,
+            layouts={},
+            indices=stats,
+        )
+        report.per_activation.update(dict.fromkeys(readers, 0))
+        stats.per_module = report.per_activation  # one count: bits per lookup module
+        for path, tables in readers.items():
+            module = model.get_submodule(path)
+            reader = reader_for(module)
+            assert reader is not None
+            generator = generator_for(seed, path, "indices")
+            hook = index_hook(path, reader, tables, self.error, generator, self.bounds, stats)
+            self._hooks.append(module.register_forward_pre_hook(hook, prepend=True, with_kwargs=True))
         return report
 
     def _take_out(self) -> None:
@@ -780,6 +820,7 @@ def inject(
     seed: int | None = None,
     site: str = "weights",
     protect: Protection | None = None,
+    bounds: str = "zero",
 ) -> _Injection:
     """Run the block with ``error`` injected into ``model``; restore on exit, whatever happens.
 
@@ -787,8 +828,9 @@ def inject(
     or ``"all"``), ``params`` (``"weight"``, ``"bias"``, ``"all"``), ``include``/``exclude`` (glob
     patterns over tensor names), ``buffers`` (also corrupt persistent buffers), ``fields`` (fields of
     embedding tables' rows: ``codes``, ``scale``, ``bias``, ``padding``), ``seed`` (``None``:
-    a fresh one, recorded in the report), ``site`` (``"weights"`` or ``"activations"``) and
-    ``protect`` (a :class:`Protection` for the weights site). Yields the live
+    a fresh one, recorded in the report), ``site`` (``"weights"``, ``"activations"`` or ``"indices"``),
+    ``protect`` (a :class:`Protection` for the weights site) and ``bounds`` (what an out-of-range id
+    does at the indices site: ``"zero"``, ``"skip"``, ``"raise"``, see :mod:`pytei.indices`). Yields the live
     :class:`InjectionReport`.
 
     >>> with pytei.inject(model, BitFlip(ber=1e-6), target="mlp", params="weight", seed=0) as report:
@@ -805,6 +847,7 @@ def inject(
         seed=seed,
         site=site,
         protect=protect,
+        bounds=bounds,
     )
     return _Injection(injector, model)
 

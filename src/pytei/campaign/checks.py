@@ -181,4 +181,5 @@ def target_name(table: dict[str, Any]) -> str:
     fields = table.get("fields") or []
     fields = [fields] if isinstance(fields, str) else list(fields)
     name = "+".join(component) + (f"[{','.join(patterns)}]" if patterns else "")
-    return name + (f".{'+'.join(fields)}" if fields else "")
+    name += f".{'+'.join(fields)}" if fields else ""
+    return name + (f"@{table['bounds']}" if table.get("bounds") else "")

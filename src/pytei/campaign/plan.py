@@ -163,8 +163,14 @@ def _n_runs(spec: Spec, runs: int | None) -> int:
 
 
 def _site_mitigations(spec: Spec, site: str) -> list[MitigationChoice]:
-    """The mitigations planned with ``site`` (memory-side ones do nothing to activation faults)."""
-    return [m for m in spec.mitigations if not (site == "activations" and m.memory)]
+    """The mitigations planned with ``site`` (memory-side ones do nothing to activation or index faults)."""
+    return [m for m in spec.mitigations if not (site != "weights" and m.memory)]
+
+
+def _site_targets(targets: list[tuple[str, dict, bool]], site: str) -> list[tuple[str, dict, bool]]:
+    """The targets planned with ``site``: one with ``bounds`` (what an out-of-range id does) is planned
+    with the ``indices`` site only."""
+    return [t for t in targets if site == "indices" or "bounds" not in t[1]]
 
 
 def count_trials(
@@ -174,13 +180,15 @@ def count_trials(
     grid of 1e7 trials is counted in microseconds; per-parameter targets list each model's parameters)."""
     n_runs = _n_runs(spec, runs)
     n_points = len(spec.errors.rates) * len(spec.errors.bit_sets)
-    per_site = sum(len(_site_mitigations(spec, site)) for site in spec.sites)
     total = 0
     for model in spec.model_specs():
-        n_targets = sum(1 for t in spec.targets if not t.per_parameter)
         if any(t.per_parameter for t in spec.targets):
-            n_targets = len(_targets(spec, model, parameter_names))
-        total += n_targets * per_site * n_points * n_runs
+            targets = _targets(spec, model, parameter_names)
+        else:
+            targets = [(t.name, t.selection(), False) for t in spec.targets]
+        for site in spec.sites:
+            n_targets = len(_site_targets(targets, site))
+            total += n_targets * len(_site_mitigations(spec, site)) * n_points * n_runs
     return total
 
 
@@ -192,7 +200,8 @@ def iter_plan(
     ``runs`` overrides the number of runs per point (default ``spec.runs``; with ``[confidence]``
     that is ``max_runs`` and the executor decides how many to run). ``parameter_names(model key)``
     lists a model's parameters for ``targets = "per-parameter"``. Trials of memory-side mitigations
-    (``protect-bits``, ``ecc``) with the ``activations`` site are skipped: they act on stored tensors only.
+    (``protect-bits``, ``ecc``) with the ``activations`` or ``indices`` site are skipped: they act on stored
+    tensors only; a target with ``bounds`` is planned with the ``indices`` site only.
     """
     n_runs = _n_runs(spec, runs)
     labels = spec.model_labels()
@@ -202,6 +211,8 @@ def iter_plan(
         metrics = _metrics(spec, model_spec)
         for target, target_spec, per_parameter in _targets(spec, model, parameter_names):
             for site in spec.sites:
+                if not _site_targets([(target, target_spec, per_parameter)], site):
+                    continue
                 mitigations = _site_mitigations(spec, site)
                 for (rate, error), (run, seed), m in itertools.product(points, enumerate(seeds), mitigations):
                     yield _make_trial(

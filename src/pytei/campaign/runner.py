@@ -154,7 +154,7 @@ class ModelRunner:
         clean = self.clean(trial)
         if trial.site == "weights" and not faults:
             return clean, "clean", torch.empty(0, dtype=torch.int64)
-        hooked = list(report.per_activation) if trial.site == "activations" else []
+        hooked = list(report.per_activation) if trial.site != "weights" else []  # faults drawn per pass
         outcome = self.evaluator.evaluate(trial.mitigation, faults, hooked, numels=report.fault_map.numels)
         if outcome is None:
             return self._forward_all(), "full", None
@@ -223,7 +223,9 @@ class ModelRunner:
                     outputs, path, changed = self._outputs(trial, report)
                 finally:
                     injector.restore()
-                n_faults, protection = report.n_faults, report.protection
+                n_faults, protection = report.n_faults, dict(report.protection)
+                if report.indices is not None:  # what faulted ids did (bounds: zeroed or skipped)
+                    protection.update(index_ids=report.indices.ids, out_of_range=report.indices.out_of_range)
         got = base if path == "clean" else self._score(outputs, trial, changed)
         extra: dict[str, Any] = {"path": path, **protection}
         if mit is not None:

@@ -18,6 +18,9 @@ Semantics a reader of a spec needs to know:
 * a target table's ``fields`` (``["codes"]``, ``["scale", "bias"]``, ``["padding"]``) keeps only those
   fields of embedding tables' rows (``pytei.targets.FIELDS``; FBGEMM's quantized rows hold codes, an
   fp16 scale and bias, and padding); without it a target takes every tensor, padding left out;
+* the ``indices`` site puts faults in the ids embedding lookups read (``pytei.indices``); a target's
+  ``bounds`` (``"zero"``, ``"skip"``, ``"raise"``) says what an id pushed out of range does, and such a
+  target is planned with the ``indices`` site only (memory-side mitigations are skipped there too);
 * dummy models have no labels: they are scored by ``rmse`` against their clean outputs only, and
   ``auc``/``logloss`` are skipped for them (``rmse`` must therefore be among ``metrics``);
 * ``protect-bits`` and ``ecc`` filter faults on their way into stored tensors, so with the
@@ -52,6 +55,7 @@ from typing import Any, cast
 
 from .. import errors, metrics, mitigation, plugins
 from .._registry import OptionError, check_options
+from ..indices import BOUNDS
 from ..injector import SITES
 from ..targets import COMPONENTS, FIELDS, PARAM_KINDS
 from .checks import (
@@ -135,6 +139,8 @@ class Target:
     per_parameter: bool = False
     fields: tuple[str, ...] | None = None
     """Fields of embedding tables' rows (``pytei.targets.FIELDS``); None: every tensor, padding left out."""
+    bounds: str | None = None
+    """What an id pushed out of range does at the ``indices`` site (``pytei.indices.BOUNDS``)."""
 
     def selection(self) -> dict:
         """Keyword arguments of ``pytei.Injector`` that select this target's tensors (``fields`` only when
@@ -147,6 +153,8 @@ class Target:
         }
         if self.fields:
             out["fields"] = list(self.fields)
+        if self.bounds:
+            out["bounds"] = self.bounds
         return out
 
 
@@ -263,8 +271,13 @@ def canonical_json(value: Any) -> str:
 def _as_dict(value: Any) -> Any:
     if isinstance(value, MitigationChoice):
         return value.hashed()
-    if isinstance(value, Target) and value.fields is None:  # the hash of a spec from before ``fields``
-        return {f.name: getattr(value, f.name) for f in dataclasses.fields(value) if f.name != "fields"}
+    if isinstance(value, Target):  # keys added later enter the hash only when given (old hashes hold)
+        later = ("fields", "bounds")
+        return {
+            f.name: getattr(value, f.name)
+            for f in dataclasses.fields(value)
+            if f.name not in later or getattr(value, f.name) is not None
+        }
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
         return {f.name: getattr(value, f.name) for f in dataclasses.fields(value)}
     raise TypeError(f"{type(value).__name__} is not JSON serializable")
@@ -385,7 +398,7 @@ def _target(value: Any, path: str) -> Target:
         return Target(PER_PARAMETER, per_parameter=True)
     if isinstance(value, str):
         return Target(value, (choice(("all", *COMPONENTS, PER_PARAMETER))(value, path),))
-    t = Table(value, path, ("component", "params", "include", "exclude", "fields", "label"))
+    t = Table(value, path, ("component", "params", "include", "exclude", "fields", "bounds", "label"))
     component = t.get("component", many(choice(("all", *COMPONENTS))), ("all",))
     include = t.get("include", many(string), None)
     exclude = t.get("exclude", many(string), None)
@@ -397,6 +410,7 @@ def _target(value: Any, path: str) -> Target:
         include=include,
         exclude=exclude,
         fields=t.get("fields", many(choice(FIELDS)), None),
+        bounds=t.get("bounds", choice(BOUNDS), None),
     )
 
 
@@ -500,12 +514,21 @@ def _check_metrics(
         )
 
 
-def _check_not_all_skipped(sites: tuple[str, ...], mitigations: tuple[MitigationChoice, ...]) -> None:
-    if set(sites) == {"activations"} and all(m.memory for m in mitigations):
+def _check_not_all_skipped(
+    sites: tuple[str, ...], mitigations: tuple[MitigationChoice, ...], targets: tuple[Target, ...]
+) -> None:
+    if "weights" not in sites and all(m.memory for m in mitigations):
         raise SpecError(
             "mitigations",
             f"{', '.join(m.label for m in mitigations)} protect stored weights only, so with sites = "
-            '["activations"] every trial would be skipped',
+            f"{list(sites)} every trial would be skipped",
+        )
+    bounded = [t.name for t in targets if t.bounds]
+    if bounded and "indices" not in sites:
+        raise SpecError(
+            "targets",
+            f'{", ".join(bounded)} set bounds (what a faulted id does), which needs "indices" in sites; '
+            f"sites = {list(sites)}",
         )
 
 
@@ -541,7 +564,7 @@ def parse_spec(text: str, base_dir: str | Path = ".") -> Spec:
     }
     _check_models_distinct(values["models"], values["data"])
     _check_metrics(values["models"], values["data"], values["metrics"], confidence)
-    _check_not_all_skipped(values["sites"], values["mitigations"])
+    _check_not_all_skipped(values["sites"], values["mitigations"], values["targets"])
     hashed = {**values, **({"plugins": loaded} if loaded else {})}  # v1 specs keep their hash
     digest = hashlib.sha256(canonical_json(hashed).encode()).hexdigest()
     return Spec(**values, plugins=loaded, text=text, hash=digest)
