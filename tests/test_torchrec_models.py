@@ -270,6 +270,7 @@ seed = 2
 runs = 1
 targets = [{{ component = "embedding" }}, {{ component = "mlp", params = "weight" }}]
 sites = ["weights"]
+mitigations = ["none", "clip"]
 metrics = ["auc", "rmse"]
 
 [[models]]
@@ -287,10 +288,12 @@ def test_campaign_runs_a_dlrm_torchrec_checkpoint_end_to_end(checkpoint, tmp_pat
     spec = load_spec(path)
     result = run_campaign(spec, tmp_path / "r.db", progress=False)
     df = load_results(tmp_path / "r.db")
-    assert len(df) == len(plan(spec)) == 4 and set(df.status) == {"ok"}, result
+    assert len(df) == len(plan(spec)) == 8 and set(df.status) == {"ok"}, result
     assert (df.n_faults > 0).all() and set(df.target) == {"embedding", "mlp"}
-    worst = df[df.rate == 1e-2].auc
-    assert (worst < df.baseline_auc.iloc[0] - 0.01).all()  # 1e-2 of the bits flipped hurts AUC
+    assert set(df.mitigation) == {"none", "clip"}
+    plain = df[df.mitigation == "none"]
+    worst = plain[plain.rate == 1e-2].auc
+    assert (worst < plain.baseline_auc.iloc[0] - 0.01).all()  # 1e-2 of the bits flipped hurts AUC
     trials = plan(spec)
     fast = ModelRunner(load_evaluation(trials[0], batch_size=256))
     full = ModelRunner(load_evaluation(trials[0], batch_size=256), fast=False)

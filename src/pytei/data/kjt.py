@@ -50,6 +50,11 @@ def check_keys(keys: Any, n: int | None = None, *, what: str = "keys") -> list[s
     return list(keys)
 
 
+def _offsets(lengths: torch.Tensor) -> torch.Tensor:
+    """``[0, cumsum(lengths)]``: given to the KJT, so no FBGEMM kernel has to compute it (on any device)."""
+    return torch.cat([lengths.new_zeros(1), torch.cumsum(lengths, 0, dtype=lengths.dtype)])
+
+
 def _kjt_class() -> type[KeyedJaggedTensor]:
     from ..torchrec import require
 
@@ -78,7 +83,8 @@ def to_kjt(ids: torch.Tensor, keys: Sequence[str], lengths: torch.Tensor | None 
         if lengths is not None:
             raise ValueError("lengths go with padded multi-hot ids [N, S, H]; ids [N, S] have one id per bag")
         values = ids.t().reshape(-1)  # key-major: field 0 of every sample, then field 1, ...
-        return cls(keys=names, values=values, lengths=torch.ones(s * n, dtype=ids.dtype, device=ids.device))
+        ones = torch.ones(s * n, dtype=ids.dtype, device=ids.device)
+        return cls(keys=names, values=values, lengths=ones, offsets=_offsets(ones))
     if lengths is None:
         raise ValueError(f"padded multi-hot ids {tuple(ids.shape)} need lengths [N, S] = [{n}, {s}]")
     if lengths.shape != (n, s) or lengths.dtype not in _ID_DTYPES:
@@ -93,7 +99,8 @@ def to_kjt(ids: torch.Tensor, keys: Sequence[str], lengths: torch.Tensor | None 
         )
     kept = torch.arange(ids.shape[2], device=ids.device) < lengths.t().unsqueeze(2)  # [S, N, H]
     values = ids.permute(1, 0, 2)[kept]
-    return cls(keys=names, values=values, lengths=lengths.t().reshape(-1).to(ids.dtype))
+    flat = lengths.t().reshape(-1).to(ids.dtype)
+    return cls(keys=names, values=values, lengths=flat, offsets=_offsets(flat))
 
 
 def from_lists(bags: Sequence[Sequence[Sequence[int]]], keys: Sequence[str]) -> KeyedJaggedTensor:
