@@ -25,10 +25,18 @@ __all__ = ["Batches", "Mitigation", "mitigate", "hidden_linears", "input_batches
 Batches: TypeAlias = torch.Tensor | Iterable[torch.Tensor | Sequence[torch.Tensor]]
 
 
+def _is_input(value: object) -> bool:
+    """A model input: a tensor, or one of torchrec's sparse batches (a ``KeyedJaggedTensor``)."""
+    return isinstance(value, torch.Tensor) or type(value).__module__.startswith("torchrec.sparse")
+
+
 def input_batches(batches: Batches, what: str) -> list[tuple[torch.Tensor, ...]]:
     """``batches`` (see ``Batches``) as input tuples for ``model(*inputs)``; a ``TypeError`` naming
     ``what`` (the caller) and the bad batch otherwise."""
-    need = "each batch must be a tensor (one-input model) or a tuple of tensors (model(*inputs))"
+    need = (
+        "each batch must be a tensor (one-input model) or a tuple of tensors or KeyedJaggedTensors "
+        "(model(*inputs))"
+    )
     if isinstance(batches, torch.Tensor):
         return [(batches,)]
     if isinstance(batches, str | bytes | dict) or not isinstance(batches, Iterable):
@@ -37,7 +45,7 @@ def input_batches(batches: Batches, what: str) -> list[tuple[torch.Tensor, ...]]
     for i, batch in enumerate(batches):
         if isinstance(batch, torch.Tensor):
             out.append((batch,))
-        elif isinstance(batch, tuple | list) and batch and all(isinstance(t, torch.Tensor) for t in batch):
+        elif isinstance(batch, tuple | list) and batch and all(_is_input(t) for t in batch):
             out.append(tuple(batch))
         else:
             kind = type(batch).__name__
