@@ -45,6 +45,23 @@ ARCHITECTURES: dict[str, dict[str, Any]] = {
         "component": "attention",
     },
     "fm": {"layout": "categorical", "config": {"embed_dim": 8}, "last": "linear.*", "component": "linear"},
+    # TorchRec models fed KeyedJaggedTensor batches (the optional extra pytei[torchrec])
+    "dlrm-torchrec": {
+        "layout": "dense+kjt",
+        "config": {"embed_dim": 8, "bottom_mlp": (16, 8), "top_mlp": (16, 8)},
+        "last": "over_arch.*",
+    },
+    "dcnv2": {
+        "layout": "dense+kjt",
+        "config": {
+            "embed_dim": 8,
+            "bottom_mlp": (16, 8),
+            "top_mlp": (16, 8),
+            "dcn_num_layers": 2,
+            "dcn_low_rank_dim": 4,
+        },
+        "last": "over_arch.*",
+    },
 }
 #: 3,000 rows: 300 test rows, cut into 64-row batches below (5 batches, so "rows" can skip some).
 DATA_OPTIONS = {"n_rows": 3000, "field_dims": [100, 50, 20, 10]}
@@ -93,8 +110,10 @@ def _trials(arch: str, tmp: Path) -> list:
         text = SPEC.format(arch=arch, last="predictor.*", component="mlp", model=DUMMY + "\nsamples = 300")
     else:
         info = ARCHITECTURES[arch]
+        if info["layout"] == "dense+kjt":
+            pytest.importorskip("torchrec")
         dataset = data.load("synthetic-ctr", layout=info["layout"], **DATA_OPTIONS)
-        extra = {"dense_dim": dataset.dense_dim} if info["layout"] == "dense+sparse" else {}
+        extra = {"dense_dim": dataset.dense_dim} if info["layout"] in ("dense+sparse", "dense+kjt") else {}
         with torch.random.fork_rng():
             torch.manual_seed(0)
             model = models.create(arch, field_dims=dataset.field_dims, **extra, **info["config"])
