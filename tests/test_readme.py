@@ -106,8 +106,8 @@ def test_setup_commands_match_ci():
     main_job, tests = re.findall(r"```bash\n(.*?)\n```", README, re.S)[:2]
     assert main_job == "pip install -c constraints.txt -e . && pytei reproduce --preset quick"
     assert tests == (
-        'pip install -c constraints.txt -e ".[dev,torchrec]" && pip install -c constraints.txt --no-deps torchrec'
-        " && ruff check . && mypy && python -m pytest -q"
+        'pip install -c constraints.txt -e ".[dev,torchrec]"'
+        " && pip install -c constraints.txt --no-deps torchrec && ruff check . && mypy && python -m pytest -q"
     )
     ci = (ROOT / ".ci" / "run").read_text()
     assert tests in ci.splitlines()

@@ -345,3 +345,28 @@ def test_missing_extra_is_a_clear_error(monkeypatch):
     monkeypatch.setattr(_require.importlib, "import_module", fake)
     with pytest.raises(MissingExtraError, match=r"pytei\[torchrec\]; missing: torchrec .*pip install"):
         _require.require()
+
+
+def test_ecc_protects_a_quantized_table_as_stored_rows():
+    """Under ECC a table is one site over its row bytes: a 64-bit word holds a row's scale, bias, codes and
+    padding; single-bit faults per word are corrected, fields= is refused, and restore is bit-exact."""
+    from pytei.mitigation.ecc import ECC
+
+    q = quantize_embeddings(_tower(), dtype=torch.qint8, inplace=False)
+    x = _kjt()
+    ref, before = q(x), _bytes(q)
+    sites = pytei.Injector(pytei.BitFlip(ber=1e-4), protect=ECC()).sites(q)
+    assert {s.name for s in sites} == {
+        "ebc.embedding_bags.t0.weight_rows",
+        "ebc.embedding_bags.t1.weight_rows",
+    }
+    assert sum(s.tensor.numel() for s in sites) == sum(t.row_bytes.numel() for t in tables(q))
+    # at most one flip per 64-bit word: every one corrected, the outputs exact
+    with pytei.inject(q, FlipCount(k=1), protect=ECC(), seed=0) as r:
+        assert torch.equal(q(x), ref) and r.protection["corrected"] == 1
+    with pytei.inject(q, pytei.BitFlip(ber=5e-3), protect=ECC(), seed=1) as r:
+        assert r.n_faults > 0 and sum(r.per_row_field.values()) == r.n_faults
+        assert set(r.per_row_field) == {"scale", "bias", "codes", "padding"}
+    assert all(torch.equal(a, b) for a, b in zip(before, _bytes(q), strict=True))
+    with pytest.raises(ArgumentError, match="cannot narrow what ECC protects"):
+        pytei.Injector(pytei.BitFlip(ber=1e-4), protect=ECC(), fields=["scale"]).sites(q)

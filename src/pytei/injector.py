@@ -67,6 +67,10 @@ class Protection(ABC):
         """The data faults ``error`` draws under this protection (ECC extends bit sets to check bits)."""
         return error.draw(words, seed)
 
+    #: Whether it protects memory words as stored: an embedding table's rows are then one site over their
+    #: bytes (codes, scale, bias, padding together in its words) instead of one site per row field.
+    raw_rows: bool = False
+
     def overhead(self, lay: BitLayout) -> float:
         """Extra storage as a fraction of the protected data (0.125 for a (72,64) code)."""
         return 0.0
@@ -388,8 +392,12 @@ class InjectionReport:
     indices: IndexStats | None = None
     #: Stored words each tensor exposes (fewer than its numel when it shares storage); absent: numel.
     exposed: dict[str, int] = field(default_factory=dict, repr=False)
-    #: The table field (``codes``, ``scale``, ``bias``, ``padding``) of each targeted embedding-table site.
+    #: The table field (``codes``, ``scale``, ``bias``, ``padding``, ``rows``) of each targeted table site.
     fields: dict[str, str] = field(default_factory=dict, repr=False)
+    #: For a table's whole stored rows: the row width in bytes and ``(field, lo, hi)`` byte ranges.
+    row_fields: dict[str, tuple[int, tuple[tuple[str, int, int], ...]]] = field(
+        default_factory=dict, repr=False
+    )
     _activation_fields: dict[str, int] = field(default_factory=dict, repr=False)
 
     @property
@@ -437,7 +445,16 @@ class InjectionReport:
         flips in padding are never read, so a model cannot notice them)."""
         out: dict[str, int] = {}
         for n, count in self.per_parameter.items():
-            if n in self.fields:
+            if n in self.row_fields:  # whole rows: split by the byte column each fault is in
+                width, spans = self.row_fields[n]
+                f = self.fault_map.faults.get(n)
+                for name, lo, hi in spans:
+                    hit = 0
+                    if f is not None:
+                        column = f.index % width
+                        hit = popcount(f.mask[(column >= lo) & (column < hi)], 8)
+                    out[name] = out.get(name, 0) + hit
+            elif n in self.fields:
                 out[self.fields[n]] = out.get(self.fields[n], 0) + count
         return out
 
@@ -574,7 +591,8 @@ class Injector:
 
     def sites(self, model: nn.Module) -> list[Site]:
         """The tensors this injector would corrupt in ``model`` (their modules, for activations)."""
-        return select(model, **self.selection)
+        raw = self.protect is not None and self.protect.raw_rows
+        return select(model, **self.selection, raw=raw)
 
     def apply(self, model: nn.Module) -> InjectionReport:
         """Corrupt ``model`` in place (or hook its layer outputs) and return the live report.
@@ -652,6 +670,7 @@ class Injector:
             protection=protection,
             exposed=exposed,
             fields={s.name: s.field for s in sites if s.field is not None},
+            row_fields={s.name: (int(s.tensor.shape[1]), s.row_fields) for s in sites if s.row_fields},
         )
 
     def _write_faults(self, storages: list[_Storage], drawn: list[Faults], layouts: list[BitLayout]) -> None:

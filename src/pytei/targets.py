@@ -66,6 +66,8 @@ class Site:
     kind: str
     field: str | None = None
     format: BitLayout | None = None
+    #: For a table's whole stored rows (field ``"rows"``): ``(field, lo, hi)`` byte range of each row field.
+    row_fields: tuple[tuple[str, int, int], ...] = ()
 
     @property
     def layout(self) -> BitLayout:
@@ -76,7 +78,9 @@ class Site:
 #: A storage provider: the sites of the tables a model holds outside ``named_parameters``/``named_buffers``
 #: (FBGEMM's TBE rows, quantized torchrec collections) and the dotted paths of the modules whose own
 #: registered tensors those sites replace (their aliases, skipped).
-StorageProvider = Callable[[nn.Module], tuple[list[Site], list[str]]]
+#: With ``raw`` a provider gives one site per table over its whole stored rows (field ``"rows"``): what a
+#: memory-side protection such as ECC sees, its words spanning codes, scale, bias and padding.
+StorageProvider = Callable[[nn.Module, bool], tuple[list[Site], list[str]]]
 #: Providers, by the top-level package whose modules they read: one is consulted only once that package is
 #: imported (a model cannot hold its modules otherwise), and its module is imported then.
 #: (torchrec imports fbgemm_gpu, so one entry covers both.)
@@ -88,7 +92,7 @@ def register_storage(package: str, provider: StorageProvider) -> None:
     _PROVIDERS[package] = provider
 
 
-def _provided(model: nn.Module) -> tuple[list[Site], list[str]]:
+def _provided(model: nn.Module, raw: bool = False) -> tuple[list[Site], list[str]]:
     """Sites of the registered providers whose packages are imported, and the module paths they cover."""
     sites: list[Site] = []
     covered: list[str] = []
@@ -105,7 +109,7 @@ def _provided(model: nn.Module) -> tuple[list[Site], list[str]]:
                 raise RuntimeError(
                     f"{_PROVIDERS[package]!r} did not register a storage provider for {package}"
                 )
-        found, paths = provider(model)
+        found, paths = provider(model, raw)
         sites += found
         covered += paths
     return sites, covered
@@ -219,6 +223,7 @@ def select(
     *,
     buffers: bool = False,
     fields: str | Sequence[str] | None = None,
+    raw: bool = False,
 ) -> list[Site]:
     """The tensors of ``model`` that errors go into.
 
@@ -226,9 +231,15 @@ def select(
     ``"weight"``, ``"bias"`` or ``"all"``. ``include``/``exclude``: glob patterns over dotted names
     (``"top_mlp.*"``); each must match some tensor. ``buffers`` adds buffers (e.g. int8 tables).
     ``fields`` keeps only those fields of embedding tables' rows (see ``FIELDS``; a float table has
-    ``codes`` only); ``None``: every tensor, table fields except ``padding``.
+    ``codes`` only); ``None``: every tensor, table fields except ``padding``. ``raw`` gives each table
+    a storage provider finds as one site over its stored rows (padding included), for ECC.
     """
-    provided, covered = _provided(model)
+    if raw and fields is not None:
+        raise ArgumentError(
+            f"fields={fields!r} cannot narrow what ECC protects: its 64-bit words hold a table row's codes, "
+            "scale, bias and padding together, so faults go into the whole stored rows; drop fields"
+        )
+    provided, covered = _provided(model, raw)
     named = _named_tensors(model, buffers, covered)
     comps = _components(model, named) | {p.name: p.component for p in provided}
     targets = _as_list(target, "target")

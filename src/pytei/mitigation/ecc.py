@@ -596,7 +596,13 @@ class ECC(Protection):
     without ECC wherever the model allows. A DUE zeroes the word (``on_detect="zero"``) or leaves
     its corrupted data in place (``"flag"``). ``fault_map`` records the last trial's data and check
     faults before decoding: replayed under ECC, it gives the same faults and outcomes.
+
+    An FBGEMM table (``pytei.torchrec``) is protected as stored: its rows are one site over their bytes,
+    so a 64-bit word holds a row's scale, bias, codes and padding together (``raw_rows``), and ``fields=``
+    is refused with ECC.
     """
+
+    raw_rows = True
 
     def __init__(self, on_detect: str = "zero") -> None:
         if on_detect not in ON_DETECT:

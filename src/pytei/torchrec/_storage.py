@@ -43,7 +43,7 @@ _BITS = {"fp32": 32, "fp16": 16, "bf16": 16, "fp8": 8, "int8": 8, "int4": 4, "in
 _FLOAT_VIEWS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 _DTYPE_TYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 #: Site name suffix of each field.
-SUFFIXES = {"codes": "", "scale": "_qscale", "bias": "_qbias", "padding": "_padding"}
+SUFFIXES = {"codes": "", "scale": "_qscale", "bias": "_qbias", "padding": "_padding", "rows": "_rows"}
 #: FBGEMM's scale and bias: two fp16 values per row.
 _QPARAM_BYTES = 4
 
@@ -64,7 +64,10 @@ class TableStorage:
     fp8_exponent_bits: int = 4
 
     def site(self, field: str) -> Site:
-        """The injection site of ``field`` (see ``FIELDS``)."""
+        """The injection site of ``field`` (see ``FIELDS``), or of the whole stored rows (``"rows"``)."""
+        if field == "rows":
+            spans = tuple((f, lo, hi) for f, (lo, hi) in self.fields.items())
+            return Site(self.name + "_rows", self.row_bytes, "embedding", "weight", "rows", None, spans)
         lo, hi = self.fields[field]
         raw = self.row_bytes[:, lo:hi]
         fmt: BitLayout | None = None
@@ -281,15 +284,17 @@ def table_of(model: nn.Module, site_name: str) -> tuple[TableStorage, str]:
     """The table a site of ``model`` belongs to, and the site's field."""
     for t in tables(model):
         for field, suffix in SUFFIXES.items():
-            if field in t.fields and site_name == t.name + suffix:
+            if (field in t.fields or field == "rows") and site_name == t.name + suffix:
                 return t, field
     raise ArgumentError(f"{site_name!r} is no table site of {type(model).__name__}")
 
 
-def _provide(model: nn.Module) -> tuple[list[Site], list[str]]:
-    """Storage provider for ``pytei.targets``: the sites of tables outside ``named_parameters``."""
+def _provide(model: nn.Module, raw: bool) -> tuple[list[Site], list[str]]:
+    """Storage provider for ``pytei.targets``: the sites of tables outside ``named_parameters`` (with
+    ``raw``, one per table over its stored rows)."""
     found, covered = _scan(model)
-    sites = [s for t in found if t.module in covered for s in t.sites()]
+    held = [t for t in found if t.module in covered]
+    sites = [t.site("rows") for t in held] if raw else [s for t in held for s in t.sites()]
     return sites, covered
 
 
