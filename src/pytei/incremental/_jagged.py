@@ -68,19 +68,24 @@ def take(value: Any, idx: torch.Tensor) -> Any:
     if batch_rows(value) is None:
         raise TypeError(f"cannot take samples of a {type(value).__name__}")
     keys, rows = value.keys(), value.stride()
-    lengths = value.lengths().view(len(keys), rows).to(torch.int64)
+    lengths = value.lengths()
+    idx = idx.to(lengths.device)
+    per_key = lengths.view(len(keys), rows).to(torch.int64)
     starts = value.offsets()[:-1].view(len(keys), rows).to(torch.int64)
-    kept_lengths = lengths[:, idx].reshape(-1)
+    kept_lengths = per_key[:, idx].reshape(-1)
     kept_starts = starts[:, idx].reshape(-1)
-    total = int(kept_lengths.sum())
-    before = torch.cumsum(kept_lengths, 0) - kept_lengths
-    pos = torch.repeat_interleave(kept_starts - before, kept_lengths) + torch.arange(total, dtype=torch.int64)
+    ends = torch.cumsum(kept_lengths, 0)
+    total = int(ends[-1]) if ends.numel() else 0
+    pos = torch.repeat_interleave(kept_starts - (ends - kept_lengths), kept_lengths) + torch.arange(
+        total, dtype=torch.int64, device=lengths.device
+    )
     weights = value.weights_or_none()
     return type(value)(
         keys=keys,
         values=value.values()[pos],
         weights=weights[pos] if weights is not None else None,
-        lengths=kept_lengths.to(value.lengths().dtype),
+        lengths=kept_lengths.to(lengths.dtype),
+        offsets=torch.cat([ends.new_zeros(1), ends]).to(value.offsets().dtype),
         stride=int(idx.numel()),
     )
 
@@ -160,7 +165,7 @@ def _remapped(module: nn.Module) -> bool:
 def collections(model: nn.Module) -> dict[str, Collection]:
     """The modules of ``model`` that read torchrec/FBGEMM embedding tables, by dotted path, with their
     tables as ``pytei.torchrec.tables`` finds them; empty unless torchrec is imported."""
-    if "torchrec" not in sys.modules:
+    if "torchrec" not in sys.modules or not any(is_collection(m) for m in model.modules()):
         return {}
     from ..torchrec import tables
 
