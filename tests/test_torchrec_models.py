@@ -22,7 +22,7 @@ from pytei.campaign.execute import run_campaign  # noqa: E402
 from pytei.campaign.runner import ModelRunner, load_evaluation  # noqa: E402
 from pytei.checkpoint import load_checkpoint  # noqa: E402
 from pytei.cli import main  # noqa: E402
-from pytei.data import load  # noqa: E402
+from pytei.data import CTRDataset, Split, load  # noqa: E402
 from pytei.data.kjt import from_lists, to_kjt  # noqa: E402
 from pytei.data.synthetic import write_criteo  # noqa: E402
 from pytei.errors import BitFlip  # noqa: E402
@@ -220,6 +220,38 @@ def test_multi_hot_kjt_pools_each_bag(data):
         to_kjt(padded[:, :, 0], ["a"])
     with pytest.raises(ValueError, match="ids must be an int64"):
         to_kjt(padded.float(), ["a", "b"])
+
+
+def test_a_multi_hot_data_set_batches_and_trains(data):
+    """Splits holding padded bags (ids [N, S, H], lengths [N, S]) hand out multi-hot KJTs."""
+    gen = torch.Generator().manual_seed(0)
+
+    def bags(split):
+        dense, ids = split.inputs
+        extra = torch.stack([torch.randint(0, d, (len(split),), generator=gen) for d in data.field_dims], 1)
+        lengths = torch.randint(0, 3, ids.shape, generator=gen)  # 0, 1 or 2 ids per bag
+        return Split((dense, torch.stack([ids, extra], 2), lengths), split.labels)
+
+    multi = CTRDataset(
+        name="synthetic-multi-hot",
+        layout="dense+kjt",
+        train=bags(data.train),
+        valid=bags(data.valid),
+        test=bags(data.test),
+        field_dims=data.field_dims,
+        dense_dim=data.dense_dim,
+        fingerprint="-",
+        split_seed=0,
+    )
+    (dense, kjt), _ = next(multi.test.batches(50))
+    ids, lengths = multi.test.inputs[1][:50], multi.test.inputs[2][:50]
+    assert torch.equal(kjt.lengths(), lengths.t().reshape(-1))
+    assert kjt["cat_3"].to_dense()[7].tolist() == ids[7, 3, : lengths[7, 3]].tolist()
+    config = TrainConfig(lr=3e-3, batch_size=256, max_epochs=1)
+    result = fit(build("dlrm-torchrec", config, field_dims=data.field_dims), multi, config, progress=False)
+    assert result.test_auc > 0.55, result.summary()  # a third of the bags are empty: a weaker signal
+    with pytest.raises(ValueError, match=r"widths \[13, 8\] or \[13, 8, 8\], got \[13, 4\]"):
+        CTRDataset(**{**multi.__dict__, "train": Split((dense, ids[:, :4, 0]), multi.test.labels[:50])})
 
 
 # --- training, checkpoints, campaigns -----------------------------------------------------------------

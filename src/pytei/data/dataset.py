@@ -38,7 +38,8 @@ __all__ = [
 #: ``"categorical"``: ``inputs = (x: int64 [N, F],)``;
 #: ``"dense+sparse"``: ``inputs = (dense: float32 [N, D], sparse: int64 [N, S])``;
 #: ``"dense+kjt"``: the arrays of ``"dense+sparse"``, whose batches are ``(dense, KeyedJaggedTensor)``
-#: (TorchRec models; keys ``CTRDataset.sparse_names``; needs the extra ``pytei[torchrec]``).
+#: (TorchRec models; keys ``CTRDataset.sparse_names``; needs the extra ``pytei[torchrec]``); multi-hot
+#: bags as ``inputs = (dense, ids: int64 [N, S, H], lengths: int64 [N, S])`` (see ``pytei.data.kjt``).
 LAYOUTS = ("categorical", "dense+sparse", "dense+kjt")
 
 #: Turns a batch of a split's row-aligned tensors into the model's inputs (see ``Split.collate``).
@@ -106,8 +107,9 @@ class CTRDataset:
     """A click-through-rate data set, split 8:1:1; ``field_dims`` are the vocabulary sizes of the
     categorical fields (the sparse ones in the ``"dense+sparse"`` and ``"dense+kjt"`` layouts).
 
-    In layout ``"dense+kjt"`` the splits hold the ``"dense+sparse"`` tensors and each gets the
-    collate that builds a batch's ``KeyedJaggedTensor`` (keys ``sparse_names``), unless it has one.
+    In layout ``"dense+kjt"`` the splits hold the ``"dense+sparse"`` tensors (or multi-hot bags:
+    padded ids ``[N, S, H]`` and their ``lengths [N, S]``) and each gets the collate that builds a
+    batch's ``KeyedJaggedTensor`` (keys ``sparse_names``), unless it has one.
     """
 
     name: str
@@ -123,13 +125,14 @@ class CTRDataset:
     def __post_init__(self) -> None:
         if self.layout not in LAYOUTS:
             raise ValueError(f"unknown layout {self.layout!r}; allowed: {', '.join(LAYOUTS)}")
-        widths = (
-            [len(self.field_dims)] if self.layout == "categorical" else [self.dense_dim, len(self.field_dims)]
-        )
+        n = len(self.field_dims)
+        widths = [n] if self.layout == "categorical" else [self.dense_dim, n]
+        allowed = [widths, [self.dense_dim, n, n]] if self.layout == "dense+kjt" else [widths]  # multi-hot
         for split in (self.train, self.valid, self.test):
-            if [t.shape[1] for t in split.inputs] != widths:
+            if [t.shape[1] for t in split.inputs] not in allowed:
                 raise ValueError(
-                    f"{self.name}: split inputs do not match layout {self.layout!r}: widths {widths}"
+                    f"{self.name}: split inputs do not match layout {self.layout!r}: widths "
+                    f"{' or '.join(map(str, allowed))}, got {[t.shape[1] for t in split.inputs]}"
                 )
         if self.layout == "dense+kjt":
             collate = DenseKJT(tuple(self.sparse_names))

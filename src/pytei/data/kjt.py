@@ -125,7 +125,8 @@ def from_lists(bags: Sequence[Sequence[Sequence[int]]], keys: Sequence[str]) -> 
 
 @dataclass(frozen=True)
 class DenseKJT:
-    """A ``Split`` collate for layout ``"dense+kjt"``: ``(dense [B, D], ids [B, S]) -> (dense, KJT)``.
+    """A ``Split`` collate for layout ``"dense+kjt"``: ``(dense [B, D], ids [B, S]) -> (dense, KJT)``, or
+    with multi-hot bags ``(dense, ids [B, S, H], lengths [B, S]) -> (dense, KJT)`` (see :func:`to_kjt`).
 
     ``keys`` are the KJT keys of the id columns, in order. Building one checks that TorchRec is
     installed (a :class:`pytei.exceptions.MissingExtraError` naming what is missing otherwise).
@@ -138,7 +139,9 @@ class DenseKJT:
         _kjt_class()
 
     def __call__(self, inputs: tuple[torch.Tensor, ...]) -> tuple[Any, ...]:
-        if len(inputs) != 2:
-            raise ValueError(f"layout 'dense+kjt' batches are (dense, ids), got {len(inputs)} tensors")
-        dense, ids = inputs
-        return dense, to_kjt(ids, self.keys)
+        if len(inputs) not in (2, 3):
+            raise ValueError(
+                f"layout 'dense+kjt' batches are (dense, ids) or (dense, ids, lengths), "
+                f"got {len(inputs)} tensors"
+            )
+        return inputs[0], to_kjt(inputs[1], self.keys, inputs[2] if len(inputs) == 3 else None)
