@@ -1,5 +1,5 @@
 """The incremental evaluator on TorchRec models fed KeyedJaggedTensor batches: every trial's outputs equal a
-full evaluation bit for bit, for faults in embedding rows (float and int8/int4 quantized tables, a table
+full evaluation bit for bit, for faults in embedding rows (float tables and int8/int4/int2/fp16 TBEs, a table
 that serves two features), in MLP weights, in activations and under a clipping mitigation, and the fast
 paths are taken: "rows" (only the batches that read a faulted row), "samples" (only the samples that read
 it, as an exact KJT sub-batch) and "subgraph".
@@ -75,11 +75,12 @@ def _batches() -> list[tuple[torch.Tensor, KeyedJaggedTensor]]:
 
 
 def _model(kind: str) -> nn.Module:
-    """``float``, or the same model with its tables quantized (``int8``, ``int4``) by torchrec."""
+    """``float``, or the same model with its tables quantized (``int8``, ``int4``, ``int2``, ``fp16``) by
+    torchrec into FBGEMM TBEs."""
     with torch.random.fork_rng():
         torch.manual_seed(0)
         model = TinyRec().eval()
-    dtypes = {"int8": torch.qint8, "int4": torch.quint4x2}
+    dtypes = {"int8": torch.qint8, "int4": torch.quint4x2, "int2": torch.quint2x4, "fp16": torch.float16}
     if kind != "float":
         model = quantize_embeddings(copy.deepcopy(model), dtype=dtypes[kind], inplace=True).eval()
     return model
@@ -166,14 +167,16 @@ def test_float_ebc_without_sub_batches_uses_rows():
     assert "rows" in paths and "samples" not in paths and "full" not in paths, paths
 
 
-@pytest.mark.parametrize("kind", ["int8", "int4"])
+@pytest.mark.parametrize("kind", ["int8", "int4", "int2", "fp16"])
 def test_quantized_ebc_paths_are_exact(kind):
     model = _model(kind)
     ev = _evaluator(model)
+    rows = FIELDS if kind.startswith("int") else ["codes"]  # fp16 rows: values only, no padding at dim 8
+    qparams = (["ebc.embedding_bags.t1.weight_q*"], ["scale", "bias"])
     targets = [
-        (["ebc.embedding_bags.t0.*"], FIELDS),  # codes, scale, bias and (never read) padding
-        (["ebc.embedding_bags.t1.weight_q*"], ["scale", "bias"]),
-        (["ebc.embedding_bags.t2.*"], FIELDS),
+        (["ebc.embedding_bags.t0.*"], rows),  # codes, scale, bias and (never read) padding
+        qparams if kind.startswith("int") else (["ebc.embedding_bags.t1.*"], rows),
+        (["ebc.embedding_bags.t2.*"], rows),
         (["dense.*"], None),
     ]
     paths = _trials(model, ev, targets)
