@@ -119,18 +119,15 @@ class _TorchRecDLRM(RecModel):
     over_arch: nn.Module
 
     def _build_common(self, config: dict[str, Any]) -> int:
-        """Check the shared config, build ``sparse_arch`` and ``dense_arch``; returns the field count."""
+        """Build ``sparse_arch`` and ``dense_arch`` from the checked ``config``; returns the field count."""
         from torchrec.models.dlrm import DenseArch, SparseArch
         from torchrec.modules.embedding_configs import EmbeddingBagConfig, PoolingType
         from torchrec.modules.embedding_modules import EmbeddingBagCollection
 
-        embed_dim, bottom = config["embed_dim"], config["bottom_mlp"]
-        if bottom[-1] != embed_dim:
-            raise ValueError(f"bottom_mlp must end in embed_dim={embed_dim} to interact, got {bottom}")
         tables = [
             EmbeddingBagConfig(
                 name=f"t_{feature}",
-                embedding_dim=embed_dim,
+                embedding_dim=config["embed_dim"],
                 num_embeddings=rows,
                 feature_names=[feature],
                 pooling=PoolingType.SUM,
@@ -138,7 +135,7 @@ class _TorchRecDLRM(RecModel):
             for feature, rows in zip(config["feature_names"], config["field_dims"], strict=True)
         ]
         self.sparse_arch = tag(SparseArch(EmbeddingBagCollection(tables=tables)), "embedding")
-        self.dense_arch = tag(DenseArch(config["dense_dim"], list(bottom)), "mlp")
+        self.dense_arch = tag(DenseArch(config["dense_dim"], list(config["bottom_mlp"])), "mlp")
         return len(tables)
 
     def _build_over(self, in_features: int, top_mlp: Sequence[int]) -> None:
@@ -160,12 +157,16 @@ class _TorchRecDLRM(RecModel):
 def _common_config(
     field_dims: Any, dense_dim: Any, embed_dim: Any, bottom_mlp: Any, top_mlp: Any, feature_names: Any
 ) -> dict[str, Any]:
+    """The checked sizes both models share (``dense_dim >= 1``: TorchRec's arches need a dense arch)."""
     field_dims = check_ints("field_dims", field_dims)
+    embed_dim, bottom = check_int("embed_dim", embed_dim), check_ints("bottom_mlp", bottom_mlp)
+    if bottom[-1] != embed_dim:
+        raise ValueError(f"bottom_mlp must end in embed_dim={embed_dim} to interact, got {bottom}")
     return {
         "field_dims": field_dims,
         "dense_dim": check_int("dense_dim", dense_dim),
-        "embed_dim": check_int("embed_dim", embed_dim),
-        "bottom_mlp": check_ints("bottom_mlp", bottom_mlp),
+        "embed_dim": embed_dim,
+        "bottom_mlp": bottom,
         "top_mlp": check_ints("top_mlp", top_mlp),
         "feature_names": _feature_names(feature_names, len(field_dims)),
     }
