@@ -184,6 +184,22 @@ def test_quantized_ebc_paths_are_exact(kind):
     assert "full" not in paths
 
 
+def test_faults_in_row_padding_change_nothing():
+    model = _model("int4")
+    ev = _evaluator(model)
+    injector = Injector(BitFlip(1e-2), include=["ebc.embedding_bags.*_padding"], fields=["padding"], seed=0)
+    report = injector.apply(model)
+    try:
+        assert report.n_faults > 0
+        faults, numels = report.fault_map.faults, report.fault_map.numels
+        outcome = ev.evaluate("none", faults, numels=numels)
+        full = _full(model, ev.batches)
+    finally:
+        injector.restore()
+    assert outcome is not None and outcome.path == "clean"
+    assert torch.equal(_bits(outcome.outputs), _bits(full))
+
+
 def test_activation_faults_on_tables_inside_the_collection():
     model = _model("float")
     ev = _evaluator(model)

@@ -32,7 +32,7 @@ from torch import fx, nn
 from ..errors import Faults
 from ._budget import default_budget, storage_ptr, storages
 from ._capture import capture, hooked_modules
-from ._jagged import Collection, batch_rows, collections, feature_reads, take
+from ._jagged import PADDING_SUFFIX, Collection, batch_rows, collections, feature_reads, take
 
 __all__ = ["CacheReport", "IncrementalEvaluator", "Outcome", "PATHS"]
 
@@ -793,6 +793,8 @@ class IncrementalEvaluator:
         owners = [(c, t) for c in g.tabled.values() if (t := c.table_of(name)) is not None]
         if not owners:
             return None
+        if name.endswith(PADDING_SUFFIX):
+            return 0, {}  # the bytes that align a row: no kernel reads them
         keys = [(i, t) for c, t in owners for i, n in g.collections.items() if n is c]
         nodes = {i for i, _ in keys}
         for c, _ in owners:

@@ -17,6 +17,8 @@ import torch
 from torch import nn
 
 __all__ = [
+    "FIELD_SUFFIXES",
+    "PADDING_SUFFIX",
     "Collection",
     "batch_rows",
     "collections",
@@ -29,6 +31,8 @@ __all__ = [
 
 #: Site-name suffixes of a quantized table's fields (torchrec's split state-dict names).
 FIELD_SUFFIXES = ("_qscale", "_qbias", "_padding")
+#: The suffix of the site of a row's padding (bytes up to the row alignment, never read).
+PADDING_SUFFIX = "_padding"
 #: torchrec's embedding collection interfaces (float and quantized EBC/EC derive from them).
 _COLLECTION_CLASSES = (
     ("torchrec.modules.embedding_modules", "EmbeddingBagCollectionInterface"),
