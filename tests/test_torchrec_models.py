@@ -284,6 +284,15 @@ def test_train_cli_checkpoint_reloads_with_its_kjt_batches(checkpoint):
     assert math.isclose(auc(logits, ckpt.test.labels)["auc"], ckpt.meta["scores"]["test_auc"], abs_tol=1e-6)
 
 
+def test_train_cli_refuses_a_data_set_without_the_layout(tmp_path, capsys):
+    args = ["train", "--model", "dcnv2", "--dataset", "movielens-100k", "--data-dir", str(tmp_path)]
+    assert main([*args, "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == (
+        "error: data set 'movielens-100k': movielens-100k: unknown layout 'dense+kjt'; allowed: categorical"
+    )
+
+
 def test_dcnv2_trains_on_criteo_files_and_reloads(tmp_path):
     write_criteo(tmp_path / "train.txt", 600, seed=2)
     out = tmp_path / "ckpt"

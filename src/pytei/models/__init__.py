@@ -1,4 +1,5 @@
-"""Model zoo: the paper's dummy model (Sec. 5.1), its five pytorch-fm CTR models (Sec. 6.1) and DLRM.
+"""Model zoo: the paper's dummy model (Sec. 5.1), its five pytorch-fm CTR models (Sec. 6.1), DLRM, and
+on TorchRec (the extra ``pytei[torchrec]``) DLRM and MLPerf DLRMv2's DCN-v2 (``torchrec_zoo``).
 
 Models are registered by name, timm-style::
 
