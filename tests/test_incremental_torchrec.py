@@ -264,7 +264,7 @@ seed = 5
 runs = 1
 targets = ["all"]
 sites = ["weights"]
-mitigations = ["none", { name = "clip", low = -0.05, high = 0.05 }]
+mitigations = ["none", "ecc", { name = "clip", low = -0.05, high = 0.05 }]
 metrics = ["rmse"]
 
 [[models]]
@@ -283,7 +283,8 @@ def _same(a: float, b: float) -> bool:
 
 @pytest.mark.parametrize("kind", ["float", "int8"])
 def test_runner_fast_rows_equal_full_rows(kind):
-    """``ModelRunner(fast=True)`` on a KJT model gives the rows of a full evaluation, bit for bit."""
+    """``ModelRunner(fast=True)`` on a KJT model gives the rows of a full evaluation, bit for bit, with and
+    without mitigations (ECC sees a TBE table's rows as stored: one site over their bytes)."""
     batches = _batches()
     labels = (torch.arange(N) % 3 == 0).float()
     runners = [
@@ -300,6 +301,7 @@ def test_runner_fast_rows_equal_full_rows(kind):
     if kind != "float":
         targets[0]["fields"] = ["codes", "scale", "bias"]
     paths: Counter = Counter()
+    by_mitigation: dict[str, set[str]] = {}
     n = 0
     for trial in template:
         for spec in targets:
@@ -309,7 +311,11 @@ def test_runner_fast_rows_equal_full_rows(kind):
                     t = dataclasses.replace(
                         trial,
                         trial_id=f"t{n}",
-                        target_spec={"params": "all", "exclude": None, **spec},
+                        target_spec={
+                            "params": "all",
+                            "exclude": None,
+                            **{k: v for k, v in spec.items() if k != "fields" or trial.mitigation != "ecc"},
+                        },
                         error={"model": "BitFlip", "ber": ber, "bits": None},
                         rate=ber,
                         seed=seed,
@@ -323,6 +329,9 @@ def test_runner_fast_rows_equal_full_rows(kind):
                     differ = {k: v for k, v in fast.metrics.items() if not _same(v, full.metrics[k])}
                     assert fast.metrics.keys() == full.metrics.keys() and not differ, (t.target_spec, differ)
                     paths[fast.extra["path"]] += 1
+                    by_mitigation.setdefault(t.mitigation, set()).add(fast.extra["path"])
     assert {"rows", "samples", "subgraph"} <= set(paths) and "full" not in paths, paths
+    assert len(by_mitigation) == 3, by_mitigation
+    assert all(taken & {"rows", "samples"} for taken in by_mitigation.values()), by_mitigation
     for r in runners:
         r.verify()

@@ -32,7 +32,7 @@ from torch import fx, nn
 from ..errors import Faults
 from ._budget import default_budget, storage_ptr, storages
 from ._capture import capture, hooked_modules
-from ._jagged import PADDING_SUFFIX, Collection, batch_rows, collections, feature_reads, take
+from ._jagged import Collection, batch_rows, collections, feature_reads, take
 
 __all__ = ["CacheReport", "IncrementalEvaluator", "Outcome", "PATHS"]
 
@@ -790,10 +790,10 @@ class IncrementalEvaluator:
         can be placed (a known site size, no pruning remap, reads recorded, the storage read by those
         nodes alone); None if the site is no such table's; ``_UNPLACED`` if no graph node reads it."""
         g = v.graph
-        owners = [(c, t) for c in g.tabled.values() if (t := c.table_of(name)) is not None]
+        owners = [(c, c.sites[name]) for c in g.tabled.values() if name in c.sites]
         if not owners:
             return None
-        if name.endswith(PADDING_SUFFIX):
+        if all(name in c.padding for c, _ in owners):
             return 0, {}  # the bytes that align a row: no kernel reads them
         keys = [(i, t) for c, t in owners for i, n in g.collections.items() if n is c]
         nodes = {i for i, _ in keys}

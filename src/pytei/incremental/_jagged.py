@@ -17,8 +17,6 @@ import torch
 from torch import nn
 
 __all__ = [
-    "FIELD_SUFFIXES",
-    "PADDING_SUFFIX",
     "Collection",
     "batch_rows",
     "collections",
@@ -29,10 +27,6 @@ __all__ = [
     "take",
 ]
 
-#: Site-name suffixes of a quantized table's fields (torchrec's split state-dict names).
-FIELD_SUFFIXES = ("_qscale", "_qbias", "_padding")
-#: The suffix of the site of a row's padding (bytes up to the row alignment, never read).
-PADDING_SUFFIX = "_padding"
 #: torchrec's embedding collection interfaces (float and quantized EBC/EC derive from them).
 _COLLECTION_CLASSES = (
     ("torchrec.modules.embedding_modules", "EmbeddingBagCollectionInterface"),
@@ -135,24 +129,20 @@ def is_collection(module: nn.Module) -> bool:
 @dataclass(frozen=True)
 class Collection:
     """The embedding tables one module reads (a torchrec EBC/EC, float or quantized, or a TBE): per
-    table, the KJT keys that look it up and its rows, and per injection-site name, its table."""
+    table, the KJT keys that look it up and its rows, and per injection-site name (every field's), its
+    table."""
 
     path: str
     features: Mapping[str, tuple[str, ...]]
     rows: Mapping[str, int]
     sites: Mapping[str, str]
+    padding: frozenset[str]
+    """The sites of rows' padding (bytes up to the row alignment, which no kernel reads)."""
     own_weights: bool
     """Its tables are its own registered weights (a float collection): those are the sites."""
     remapped: bool
     """Ids go through a pruning remap before reaching rows: which sample reads which row is unknown."""
 
-    def table_of(self, site: str) -> str | None:
-        """The table whose storage the site ``site`` (its name, any field) lies in, if any."""
-        for suffix in FIELD_SUFFIXES:
-            if site.endswith(suffix):
-                site = site[: -len(suffix)]
-                break
-        return self.sites.get(site)
 
 
 def _remapped(module: nn.Module) -> bool:
@@ -172,6 +162,7 @@ def collections(model: nn.Module) -> dict[str, Collection]:
     if "torchrec" not in sys.modules or not any(is_collection(m) for m in model.modules()):
         return {}
     from ..torchrec import tables
+    from ..torchrec._storage import SUFFIXES
 
     grouped: dict[str, list[Any]] = {}
     for t in tables(model):
@@ -183,7 +174,8 @@ def collections(model: nn.Module) -> dict[str, Collection]:
             path,
             {t.table: tuple(t.features) for t in found},
             {t.table: int(t.rows) for t in found},
-            {t.name: t.table for t in found},
+            {t.name + suffix: t.table for t in found for suffix in SUFFIXES.values()},
+            frozenset(t.name + SUFFIXES["padding"] for t in found),
             own_weights=not hasattr(module, "_emb_modules") and not is_tbe(module),
             remapped=_remapped(module),
         )
