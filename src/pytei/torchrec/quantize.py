@@ -229,17 +229,14 @@ def quantize(model: nn.Module, dtype: str, *, inplace: bool = False) -> nn.Modul
 def table_bytes(model: nn.Module) -> dict[str, torch.Tensor]:
     """Live bytes of every quantized table, by torchrec's state-dict key of its weight.
 
-    Each value is a uint8 view ``[rows, row width]`` into its TBE's storage (codes, scale, bias and
-    the padding to 16 bytes): writing into it changes what the model reads.
+    Each value is the table's ``row_bytes`` from :func:`pytei.torchrec.tables` (the one reader of
+    table storage): a uint8 view ``[rows, row width]`` into its TBE's storage (codes, scale, bias and
+    the padding to 16 bytes), so writing into it changes what the model reads.
     """
-    out: dict[str, torch.Tensor] = {}
-    for path, attr, module in _quant_collections(model):
-        prefix = f"{path}.{attr}" if path else attr
-        for (_key, tables), tbe in zip(module._key_to_tables.items(), module._emb_modules, strict=True):
-            views = tbe.split_embedding_weights_with_scale_bias(split_scale_bias_mode=0)
-            for config, (rows, _scale, _bias) in zip(tables, views, strict=True):
-                out[f"{prefix}.{config.name}.weight"] = rows
-    return out
+    from ._storage import tables
+
+    quantized = {path for path, _, _ in _quant_collections(model)}
+    return {t.name: t.row_bytes for t in tables(model) if t.module in quantized}
 
 
 def _dense_keys(model: nn.Module) -> Callable[[str], bool]:
