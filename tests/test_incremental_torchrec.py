@@ -335,3 +335,55 @@ def test_runner_fast_rows_equal_full_rows(kind):
     assert all(taken & {"rows", "samples"} for taken in by_mitigation.values()), by_mitigation
     for r in runners:
         r.verify()
+
+
+CKPT_SPEC = """
+name = "fast-quantized"
+seed = 3
+runs = 2
+targets = ["all", "embedding", {{ component = "all", include = ["over_arch.*"], label = "last" }}]
+sites = ["weights"]
+mitigations = ["none", "ecc", {{ name = "clip", low = -0.1, high = 0.1 }}]
+metrics = ["auc", "logloss", "rmse"]
+
+[[models]]
+checkpoint = "{checkpoint}"
+
+[errors]
+model = "BitFlip"
+rates = [1e-4, 1e-3, 1e-2]
+"""
+
+
+@pytest.mark.parametrize("dtype", ["int8", "int4"])
+def test_campaign_on_a_quantized_zoo_checkpoint_is_exact(dtype, tmp_path):
+    """dlrm-torchrec quantized by ``pytei.torchrec.quantize``, saved and loaded as a campaign checkpoint."""
+    from pytei import data, models
+    from pytei.campaign.runner import load_evaluation
+    from pytei.checkpoint import save_checkpoint
+    from pytei.torchrec.quantize import quantize
+
+    options = {"n_rows": 2000, "field_dims": [100, 50, 20, 10]}
+    dataset = data.load("synthetic-ctr", layout="dense+kjt", **options)
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        model = models.create(
+            "dlrm-torchrec", field_dims=dataset.field_dims, dense_dim=dataset.dense_dim, embed_dim=8,
+            bottom_mlp=(16, 8), top_mlp=(16, 8),
+        )  # fmt: skip
+    where = save_checkpoint(tmp_path / "q", quantize(model, dtype), dataset, data_options=options)
+    trials = plan(parse_spec(CKPT_SPEC.format(checkpoint=where.as_posix())))
+    fast, full = (ModelRunner(load_evaluation(trials[0], batch_size=BATCH), fast=f) for f in (True, False))
+    assert fast.evaluator is not None and fast.evaluator.incremental, fast.evaluator.reason
+    assert len(fast.ev.batches) > 1
+    paths: Counter = Counter()
+    for trial in trials:
+        a, b = fast.run(trial), full.run(trial)
+        assert a.status == b.status == "ok", (a.error_message, b.error_message)
+        differ = {k: v for k, v in a.metrics.items() if not _same(v, b.metrics[k])}
+        assert a.metrics.keys() == b.metrics.keys() and not differ, (trial.target, trial.mitigation, differ)
+        assert a.n_faults == b.n_faults and b.extra["path"] == "full"
+        paths[a.extra["path"]] += 1
+    assert {"clean", "rows", "subgraph"} <= set(paths) and "full" not in paths, paths
+    fast.verify()
+    full.verify()
