@@ -2,8 +2,9 @@
 collections kept as graph leaves, and which sample of a KJT batch reads which row of which table.
 
 Nothing here imports torchrec: a model can only hold torchrec modules or be fed KJTs once torchrec has
-been imported, so values are recognised by their class's module, and torchrec's classes are looked up
-in ``sys.modules`` only.
+been imported, so values are recognised by their class's module, torchrec's classes are looked up in
+``sys.modules`` only, and the tables (``pytei.torchrec.tables``) are asked for only when a model holds
+one of those modules.
 """
 
 from __future__ import annotations
