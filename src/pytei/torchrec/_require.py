@@ -20,14 +20,20 @@ _PACKAGES = {"torchrec": "torchrec", "fbgemm_gpu": "fbgemm-gpu-cpu", "tensordict
 
 def require(feature: str = "TorchRec support") -> None:
     """Import the extra's packages, or raise :class:`MissingExtraError` naming the missing one(s)."""
-    missing = []
+    missing, broken = [], []
     for module, dist in _PACKAGES.items():
         try:
             importlib.import_module(module)
-        except ImportError as err:  # also a wheel that fails to load (an undefined symbol): say which
-            missing.append(f"{dist} ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else '?'})")
-    if missing:
+        except ModuleNotFoundError:
+            missing.append(dist)
+        except Exception as err:  # a wheel that fails to load (an undefined symbol), or one that fails while
+            # importing (tensordict under ``torch.device("meta")``): say which and why
+            first = str(err).splitlines()[0] if str(err) else "?"
+            broken.append(f"{dist} ({type(err).__name__}: {first})")
+    if missing or broken:
+        parts = ([f"missing: {', '.join(missing)}"] if missing else []) + (
+            [f"fails to import: {', '.join(broken)}"] if broken else []
+        )
         raise MissingExtraError(
-            f"{feature} needs the optional extra pytei[torchrec]; missing: "
-            f"{', '.join(missing)}; install: {INSTALL}"
+            f"{feature} needs the optional extra pytei[torchrec]; {'; '.join(parts)}; install: {INSTALL}"
         )
