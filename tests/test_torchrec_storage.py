@@ -343,7 +343,7 @@ def test_missing_extra_is_a_clear_error(monkeypatch):
         return real(name, *args, **kwargs)
 
     monkeypatch.setattr(_require.importlib, "import_module", fake)
-    with pytest.raises(MissingExtraError, match=r"pytei\[torchrec\]; missing: torchrec .*pip install"):
+    with pytest.raises(MissingExtraError, match=r"; missing: torchrec; install: pip install"):
         _require.require()
 
 
@@ -370,3 +370,20 @@ def test_ecc_protects_a_quantized_table_as_stored_rows():
     assert all(torch.equal(a, b) for a, b in zip(before, _bytes(q), strict=True))
     with pytest.raises(ArgumentError, match="cannot narrow what ECC protects"):
         pytei.Injector(pytei.BitFlip(ber=1e-4), protect=ECC(), fields=["scale"]).sites(q)
+
+
+def test_an_extra_that_fails_while_importing_is_named_with_its_error(monkeypatch):
+    import importlib
+
+    from pytei.torchrec import _require
+
+    real = importlib.import_module
+
+    def fake(name, *args, **kwargs):
+        if name == "tensordict":
+            raise RuntimeError("Tensor.item() cannot be called on meta tensors")
+        return real(name, *args, **kwargs)
+
+    monkeypatch.setattr(_require.importlib, "import_module", fake)
+    with pytest.raises(MissingExtraError, match=r"fails to import: tensordict \(RuntimeError: Tensor.item"):
+        _require.require()
