@@ -9,12 +9,22 @@ Criteo models). For each BER it prints the median time of inject + restore with 
 Peak extra memory is measured in a fresh subprocess per case (CPU: growth of the peak RSS mark,
 reset just before the trial; CUDA: torch.cuda.max_memory_allocated).
 
+``--torchrec`` (needs ``pytei[torchrec]``) times the production stack instead: a TorchRec
+EmbeddingBagCollection of the same 18.4M parameters quantized to int8 rows (FBGEMM TBE, per-row fp16
+scale and bias, 16-byte rows), injected over the same target as the float rows (every table, its
+codes, scale and bias; padding excluded), against one copy of the tables' bytes into a preallocated
+buffer (the memory-bandwidth floor, without allocation or page faults). Each repeat runs the
+copy and the injection back to back (paired, alternating order); it prints the median of the
+per-pair ratios.
+
     python benchmarks/injection.py [--device cuda] [--bers 1e-9 1e-6 1e-3 1e-2] [--quick]
+    python benchmarks/injection.py --torchrec [--bers 1e-6 1e-5 1e-4 1e-3 1e-2] [--threads 1]
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import statistics
 import subprocess
@@ -25,6 +35,7 @@ import torch
 from torch import nn
 
 import pytei
+import pytei.torchrec
 from pytei.bits import bit_values
 
 EMB_ROWS, EMB_DIM = 1_150_000, 16  # 18.4M parameters
@@ -125,16 +136,105 @@ def _memory_child(name: str, ber: float, device: str) -> None:
     print(json.dumps({"extra_bytes": extra}))
 
 
+#: The quantized EBC: four tables of the float model's 1.15M x 16 rows.
+TORCHREC_TABLES = 4
+
+
+def build_torchrec(device: str) -> nn.Module:
+    """An int8-quantized TorchRec EBC of ``EMB_ROWS x EMB_DIM`` parameters (FBGEMM IntNBit TBE rows)."""
+    from torchrec.inference.modules import quantize_embeddings
+    from torchrec.modules.embedding_configs import EmbeddingBagConfig
+    from torchrec.modules.embedding_modules import EmbeddingBagCollection
+
+    rows = EMB_ROWS // TORCHREC_TABLES
+    configs = [
+        EmbeddingBagConfig(name=f"t{k}", embedding_dim=EMB_DIM, num_embeddings=rows, feature_names=[f"f{k}"])
+        for k in range(TORCHREC_TABLES)
+    ]
+    holder = nn.Module()
+    holder.ebc = EmbeddingBagCollection(tables=configs, device=torch.device(device))
+    return quantize_embeddings(holder, dtype=torch.qint8, inplace=True)
+
+
+def torchrec_section(bers: list[float], device: str, repeats: int) -> None:
+    """Inject + restore on the int8 EBC vs one copy of its tables' bytes, paired per repeat."""
+    pytei.torchrec.require("the --torchrec benchmark")
+    model = build_torchrec(device)
+    tables = pytei.torchrec.tables(model)
+    n_params = sum(t.rows * t.dim for t in tables)
+    n_bytes = sum(t.row_bytes.numel() for t in tables)
+    with pytei.inject(model, pytei.BitFlip(1e-9), target="embedding", seed=0) as report:
+        bits = report.targeted_bits
+    print(
+        f"torchrec: int8 EmbeddingBagCollection, {len(tables)} tables, {n_params / 1e6:.1f}M parameters, "
+        f"{n_bytes / 2**20:.0f} MiB of rows, {bits / 1e9:.2f}G targeted bits (codes, scale, bias) on {device}"
+    )
+
+    buffers = [torch.empty_like(t.row_bytes) for t in tables]  # preallocated: the bandwidth floor only
+
+    def copy() -> None:
+        for buffer, t in zip(buffers, tables, strict=True):
+            buffer.copy_(t.row_bytes)
+
+    def inject(ber: float, seed: int) -> None:
+        injector = pytei.Injector(pytei.BitFlip(ber), target="embedding", seed=seed)
+        injector.apply(model)
+        injector.restore()
+
+    def timed(fn) -> float:
+        if device == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        fn()
+        if device == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter() - t0
+
+    before = [t.row_bytes.clone() for t in tables]
+    print(f"{'BER':>8} {'flips':>10} {'pytei ms':>10} {'copy ms':>10} {'pytei/copy':>11}")
+    for ber in bers:
+        with pytei.inject(model, pytei.BitFlip(ber), target="embedding", seed=123) as report:
+            flips = report.n_faults
+        copy()
+        inject(ber, 0)  # warm-up
+        ours, theirs, ratios = [], [], []
+        for i in range(repeats if ber < 1e-2 else max(3, repeats // 2)):
+            ours_fn = functools.partial(inject, ber, i + 1)
+            pair = (ours_fn, copy) if i % 2 == 0 else (copy, ours_fn)
+            a, b = timed(pair[0]), timed(pair[1])
+            t_ours, t_copy = (a, b) if i % 2 == 0 else (b, a)
+            ours.append(t_ours)
+            theirs.append(t_copy)
+            ratios.append(t_ours / t_copy)
+        print(
+            f"{ber:>8.0e} {flips:>10,} {statistics.median(ours) * 1e3:>10.2f} "
+            f"{statistics.median(theirs) * 1e3:>10.2f} {statistics.median(ratios):>10.2f}x",
+            flush=True,
+        )
+    assert all(torch.equal(a, t.row_bytes) for a, t in zip(before, tables, strict=True)), "restore failed"
+    print("restore: every table's bytes bit-identical to before")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--bers", type=float, nargs="+", default=[1e-9, 1e-6, 1e-3, 1e-2])
+    parser.add_argument("--bers", type=float, nargs="+", default=None)
     parser.add_argument("--quick", action="store_true", help="fewer repeats, skip memory")
+    parser.add_argument("--torchrec", action="store_true", help="the quantized TorchRec EBC section")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (1 on a loaded machine)")
     parser.add_argument("--memory", nargs=2, metavar=("TRIAL", "BER"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.memory:
         _memory_child(args.memory[0], float(args.memory[1]), args.device)
         return
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    print(f"torch threads: {torch.get_num_threads()}")
+    if args.torchrec:
+        bers = args.bers or [1e-6, 1e-5, 1e-4, 1e-3, 1e-2]
+        torchrec_section(bers, args.device, 3 if args.quick else 9)
+        return
+    args.bers = args.bers or [1e-9, 1e-6, 1e-3, 1e-2]
 
     model = build_model(args.device)
     n_params = sum(p.numel() for p in model.parameters())

@@ -174,43 +174,45 @@ _ENTRY_CODES: set[CodeType] = set()
 class _Storage:
     """Flat word-level reads and writes of one tensor, contiguous or not.
 
-    With ``address`` (the storage element of each flat index, for tensors that share storage), reads
-    and writes go through a flat view of the whole storage, so stride-0 and overlapping views are
-    written once per stored word.
+    Reads and writes go through a flat view: of the tensor itself when it is contiguous, else of its
+    whole storage, at the storage element of each flat index (``address``, given for tensors that share
+    storage so stride-0 and overlapping views are written once per stored word; else computed from the
+    strides, O(faults): a table field's ``[rows, k]`` view of FBGEMM rows).
     """
 
     def __init__(self, tensor: torch.Tensor, address: torch.Tensor | None = None) -> None:
         self.view = int_view(tensor.detach())
         self.device = tensor.device
         self.address = None if address is None else address.to(self.device)
-        if address is not None:
+        self.strided = address is None and not self.view.is_contiguous()
+        if address is not None or self.strided:
             itemsize = self.view.element_size()
-            self.flat: torch.Tensor | None = self.view.as_strided(
-                (self.view.untyped_storage().nbytes() // itemsize,), (1,), 0
-            )
+            self.flat = self.view.as_strided((self.view.untyped_storage().nbytes() // itemsize,), (1,), 0)
         else:
-            self.flat = self.view.view(-1) if self.view.is_contiguous() else None
+            self.flat = self.view.view(-1)
 
-    def _where(self, index: torch.Tensor):
+    def _where(self, index: torch.Tensor) -> torch.Tensor:
         index = index.to(self.device)
         if self.address is not None:
             return self.address[index]
-        return index if self.flat is not None else torch.unravel_index(index, self.view.shape)
+        if not self.strided:
+            return index
+        where = torch.full_like(index, int(self.view.storage_offset()))
+        rest = index
+        for size, stride in zip(reversed(self.view.shape), reversed(self.view.stride()), strict=True):
+            where += (rest % size) * stride
+            rest = rest // size
+        return where
 
     def read(self, index: torch.Tensor) -> torch.Tensor:
-        where = self._where(index)
-        return self.flat[where] if self.flat is not None else self.view[where]
+        return self.flat[self._where(index)]
 
     def read_words(self, index: torch.Tensor) -> torch.Tensor:
         """The words at ``index`` as int64 on the CPU (how error models read values)."""
         return self.read(index).to(torch.int64).cpu()
 
     def write(self, index: torch.Tensor, values: torch.Tensor) -> None:
-        where = self._where(index)
-        if self.flat is not None:
-            self.flat[where] = values
-        else:
-            self.view[where] = values
+        self.flat[self._where(index)] = values
 
 
 def _storage_key(t: torch.Tensor) -> tuple[str, int]:
