@@ -387,3 +387,34 @@ def test_an_extra_that_fails_while_importing_is_named_with_its_error(monkeypatch
     monkeypatch.setattr(_require.importlib, "import_module", fake)
     with pytest.raises(MissingExtraError, match=r"fails to import: tensordict \(RuntimeError: Tensor.item"):
         _require.require()
+
+
+@pytest.mark.parametrize("fmt", ["fp32", "fp16", "bf16"])
+def test_training_tbe_tables_are_sites_with_their_float_dtype(fmt):
+    """SplitTableBatchedEmbeddingBagsCodegen (training TBE): its flat ``weights_host`` parameter gives way to
+    one site per table; bf16 rows are injected and restored too (FBGEMM 1.8 has no bf16 CPU forward)."""
+    from fbgemm_gpu.split_table_batched_embeddings_ops_common import ComputeDevice
+    from fbgemm_gpu.split_table_batched_embeddings_ops_training import SplitTableBatchedEmbeddingBagsCodegen
+
+    specs = [
+        (10, 8, EmbeddingLocation.HOST, ComputeDevice.CPU),
+        (5, 4, EmbeddingLocation.HOST, ComputeDevice.CPU),
+    ]
+    model = Holder(SplitTableBatchedEmbeddingBagsCodegen(specs, weights_precision=SparseType(fmt)))
+    sites = select(model)
+    dtypes = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+    assert [(s.name, s.tensor.dtype, tuple(s.tensor.shape)) for s in sites] == [
+        ("tbe.t0.weight", dtypes[fmt], (10, 8)),
+        ("tbe.t1.weight", dtypes[fmt], (5, 4)),
+    ]
+    with torch.no_grad():
+        for s in sites:  # finite values (a new TBE's memory is uninitialised)
+            s.tensor.copy_(torch.randn(s.tensor.shape))
+    before = _bytes(model)
+    x = (torch.tensor([1, 2, 3, 4]), torch.tensor([0, 1, 2, 3, 4]))
+    ref = model(*x).detach().clone() if fmt != "bf16" else None
+    with pytei.inject(model, pytei.BitFlip(ber=0.05), seed=0) as r:
+        assert r.n_faults > 0 and r.targeted_bits == 100 * sites[0].tensor.element_size() * 8
+    assert all(torch.equal(a, b) for a, b in zip(before, _bytes(model), strict=True))
+    if ref is not None:
+        assert torch.equal(model(*x), ref)
