@@ -32,7 +32,8 @@ from .campaign.execute import run_campaign
 from .checkpoint import load_checkpoint, save_checkpoint
 from .compat import parse_flags
 from .data import load as load_data
-from .exceptions import ArgumentError
+from .exceptions import ArgumentError, MissingExtraError
+from .quantization_study import QuantizationSizes
 from .report import write_report
 from .results import load as load_results
 from .train import TrainConfig, build, fit
@@ -65,6 +66,7 @@ class Preset:
     train: TrainConfig
     synthetic_rows: int
     sensitivity_ber: float
+    quantization: QuantizationSizes
 
 
 PRESETS = {
@@ -80,6 +82,9 @@ PRESETS = {
         train=TrainConfig(lr=3e-3, max_epochs=8, patience=2),
         synthetic_rows=100_000,
         sensitivity_ber=1e-3,
+        quantization=QuantizationSizes(
+            bers=(1e-7, 1e-2), per_decade=1, runs=5, test_rows=10_000, blast_rows=16
+        ),
     ),
     "paper": Preset(
         dummy_hidden=(64, 128, 256, 512),
@@ -93,6 +98,9 @@ PRESETS = {
         train=TrainConfig(),
         synthetic_rows=200_000,
         sensitivity_ber=1e-3,
+        quantization=QuantizationSizes(
+            bers=(1e-7, 1e-2), per_decade=2, runs=10, test_rows=0, blast_rows=64
+        ),
     ),
 }
 
@@ -314,6 +322,40 @@ def _run_study(out: Path, name: str, data: SpecData, workers: int, console: Cons
     return load_results(out / f"{name}.db")
 
 
+def _quantization_study(
+    out: Path, cfg: Preset, workers: int, console: Console
+) -> dict[str, pd.DataFrame] | None:
+    """Run (or resume) the quantization study (``pytei.quantization_study``) on dlrm-torchrec trained on
+    the synthetic CTR data set; its tables for the report, or None (said in one line) without
+    ``pytei[torchrec]``."""
+    from . import quantization_study as study
+    from .torchrec import require
+
+    try:
+        require("the quantization study of pytei reproduce")
+    except MissingExtraError:
+        console.print(
+            "skipping the quantization study: it needs pytei[torchrec] (pip install 'pytei[torchrec]')",
+            style="yellow",
+            markup=False,
+            soft_wrap=True,
+        )
+        return None
+    sizes = cfg.quantization
+    fp32 = _checkpoint(out, study.MODEL, "synthetic-ctr", None, cfg, console)
+    ckpts = study.quantized_checkpoints(fp32, out / "checkpoints")
+    specs = study.specs(ckpts, sizes)
+    frames = {name: _run_study(out, name, data, workers, console) for name, data in specs.items()}
+    blast_csv = out / "quantization-blast.csv"
+    if blast_csv.is_file():
+        blast = pd.read_csv(blast_csv)
+    else:
+        console.print("quantization blast radius (single flips, measured)", style="bold", markup=False)
+        blast = study.blast_table(ckpts, sizes)
+        blast.to_csv(blast_csv, index=False)
+    return {"quantization": study.study_trials(frames), "quantization_blast": blast}
+
+
 def reproduce(
     preset: str = "quick",
     out: str | Path = "pytei-out",
@@ -365,8 +407,12 @@ def reproduce(
         "layers": _layer_spec(cfg, ckpts),
     }
     frames = [_run_study(out, name, data, workers, console) for name, data in studies.items()]
+    extras = _quantization_study(out, cfg, workers, console)
     report = write_report(
-        pd.concat(frames, ignore_index=True), out / "report", title=f"pytei reproduce --preset {preset}"
+        pd.concat(frames, ignore_index=True),
+        out / "report",
+        title=f"pytei reproduce --preset {preset}",
+        extras=extras,
     )
     if flags:
         settings = [(), *((f,) for f in flags), *([flags] if len(flags) > 1 else [])]

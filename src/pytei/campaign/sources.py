@@ -128,6 +128,14 @@ def _original_split(data: Any) -> tuple[tuple[torch.Tensor, ...], torch.Tensor]:
 # --- checkpoints -----------------------------------------------------------------------------------
 
 
+def _architecture(meta: dict) -> str:
+    """A checkpoint's architecture: its model's registry name, and the dtype of a quantized one
+    (``dlrm-torchrec/int8``), so that the quantized versions of one model are told apart."""
+    quantization = meta["model"].get("quantization")
+    name = str(meta["model"]["name"])
+    return f"{name}/{quantization['dtype']}" if quantization else name
+
+
 @dataclass(frozen=True)
 class CheckpointModel:
     """A trained model saved by ``pytei train``: its resolved directory and an optional display label."""
@@ -181,7 +189,7 @@ class CheckpointSource:
         collate = ckpt.data.model_inputs  # e.g. layout dense+kjt: a batch's ids as a KeyedJaggedTensor
         return Evaluation(
             key=key,
-            label=ckpt.meta["model"]["name"],
+            label=_architecture(ckpt.meta),
             dataset=ckpt.meta["data"]["name"],
             model=ckpt.model.eval(),
             batches=[collate(b) for b in _cut(tuple(t.contiguous() for t in inputs), batch_size)],

@@ -12,11 +12,13 @@ registry; ``pytei.report.sections.register`` adds one).
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 
 import pandas as pd
 
 from ..stats import summarize
+from . import quantization as _quantization  # noqa: F401 - registers its section
 from . import sections as _sections
 from .document import Doc
 from .figures import (
@@ -76,12 +78,18 @@ def _header(doc: Doc, df: pd.DataFrame, ok: pd.DataFrame, title: str) -> None:
 
 
 def write_report(
-    df_or_db: pd.DataFrame | str | Path, out_dir: str | Path, *, title: str | None = None
+    df_or_db: pd.DataFrame | str | Path,
+    out_dir: str | Path,
+    *,
+    title: str | None = None,
+    extras: Mapping[str, pd.DataFrame] | None = None,
 ) -> Path:
     """Write the figures, ``report.md`` and a self-contained ``report.html`` to ``out_dir``.
 
     ``df_or_db``: a DataFrame with one row per trial (as ``pytei.results.load`` gives it: with the
-    ``kind`` and dummy ``cfg_*`` columns), or a results database path. Returns the path of ``report.md``.
+    ``kind`` and dummy ``cfg_*`` columns), or a results database path. ``extras``: tables of studies
+    that sections read besides the trials (``quantization``: the quantization study's trials with
+    ``dtype`` and ``field``; ``quantization_blast``: its measured flips). Returns the path of ``report.md``.
     """
     if isinstance(df_or_db, pd.DataFrame):
         df = df_or_db
@@ -94,7 +102,7 @@ def write_report(
     heading = f"pytei report: {title}" if title else "pytei report"
     ok = prepare(df)
     labelled = ok[ok["component"] & ok["labelled"]]
-    ctx = Context(trials=df, ok=ok, palette=styles(labelled["series"]))
+    ctx = Context(trials=df, ok=ok, palette=styles(labelled["series"]), extras=dict(extras or {}))
     doc = Doc(out)
     _header(doc, df, ok, heading)
     for number, section in enumerate(_sections.sections(), start=1):

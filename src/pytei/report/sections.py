@@ -7,8 +7,8 @@ are numbered and written in registration order, so a plugin can append its own.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -60,6 +60,8 @@ class Context:
     trials: pd.DataFrame
     ok: pd.DataFrame
     palette: dict[str, Style]
+    extras: Mapping[str, pd.DataFrame] = field(default_factory=dict)
+    """Tables of studies that are not campaign trials (e.g. the quantization study's blast radius)."""
 
     def components(self, labelled: bool | None = None) -> pd.DataFrame:
         """Component trials (not per-bit, not per-parameter); only labelled / unlabelled models if given."""
@@ -80,14 +82,23 @@ _SECTIONS: dict[str, Section] = {}
 
 
 def register(
-    name: str, title: str
+    name: str, title: str, *, before: str | None = None
 ) -> Callable[[Callable[[Doc, Context], None]], Callable[[Doc, Context], None]]:
-    """Decorator: add ``render`` as section ``name`` headed ``title`` after the sections registered so far."""
+    """Decorator: add ``render`` as section ``name`` headed ``title`` after the sections registered so far
+    (or just before the registered section ``before``)."""
 
     def add(render: Callable[[Doc, Context], None]) -> Callable[[Doc, Context], None]:
         if name in _SECTIONS:
             raise ValueError(f"report section {name!r} is already registered; registered: {names()}")
+        if before is not None and before not in _SECTIONS:
+            raise ValueError(f"no report section {before!r} to put {name!r} before; registered: {names()}")
         _SECTIONS[name] = Section(name, title, render)
+        if before is not None:
+            order = list(_SECTIONS)
+            order.remove(name)
+            order.insert(order.index(before), name)
+            for key in order:  # re-insert in the new order
+                _SECTIONS[key] = _SECTIONS.pop(key)
         return render
 
     return add
