@@ -196,3 +196,35 @@ def test_nested_injections_restore_exactly_and_put_the_handler_back():
         os.kill(os.getpid(), signal.SIGINT)  # a Ctrl-C in the innermost block goes through at once
         pytest.fail("the Ctrl-C must interrupt the block")
     assert parameter_digest(model) == clean and signal.getsignal(signal.SIGINT) is before
+
+
+def test_the_model_stays_claimed_until_restore_has_written_every_word_back(monkeypatch):
+    """Another thread's injection in the window between a restore's order check and its last write would
+    read corrupted words as its "clean" ones and leave them behind: the claim lasts until the model is clean.
+    """
+    model = _small()
+    clean = parameter_digest(model)
+    first = Injector(BitFlip(1e-2), seed=1)
+    first.apply(model)
+    outcome: dict[str, str] = {}
+    original = Injector._take_out
+
+    def take_out(self: Injector) -> None:
+        if self is first and not outcome:
+
+            def other() -> None:
+                try:
+                    Injector(BitFlip(1e-2), seed=2).apply(model)
+                    outcome["other"] = "applied"
+                except InjectionConflictError:
+                    outcome["other"] = "refused"
+
+            thread = threading.Thread(target=other, name="intruder")
+            thread.start()
+            thread.join()
+        original(self)
+
+    monkeypatch.setattr(Injector, "_take_out", take_out)
+    first.restore()
+    assert outcome["other"] == "refused"
+    assert parameter_digest(model) == clean

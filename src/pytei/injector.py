@@ -355,18 +355,24 @@ def _claim(injector: Injector, model: nn.Module, sites: list[Site]) -> _Claim:
     return claim
 
 
-def _unclaim(claim: _Claim, *, check_order: bool) -> None:
-    """Drop a live injection; with ``check_order``, refuse while a later one over its storage is live."""
+def _check_order(claim: _Claim) -> None:
+    """Refuse to restore ``claim`` while a later live injection over its storage is applied."""
     with _LIVE_LOCK:
         later = _LIVE[_LIVE.index(claim) + 1 :] if claim in _LIVE else []
         blocking = [c for c in later if c.writes & claim.writes]
-        if check_order and blocking:
+        if blocking:
             names = ", ".join(repr(c.injector) for c in blocking)
             raise InjectionOrderError(
                 f"cannot restore {claim.injector!r} on {type(claim.model).__name__}: {names} was applied "
                 "after it to the same tensors and is still applied; restore the later one first (restore "
                 "in the reverse order of apply, as nested `with pytei.inject(...)` blocks do)"
             )
+
+
+def _unclaim(claim: _Claim) -> None:
+    """Drop a live injection, once the model is clean: until then other threads stay refused (one that got
+    in earlier would read this injection's faulty words as clean ones and leave them behind)."""
+    with _LIVE_LOCK:
         if claim in _LIVE:
             _LIVE.remove(claim)
 
@@ -741,7 +747,7 @@ class Injector:
             self._hooks.pop()
         self._active = False
         if self._claim is not None:
-            _unclaim(self._claim, check_order=False)
+            _unclaim(self._claim)
             self._claim = None
 
     def restore(self) -> None:
@@ -756,8 +762,7 @@ class Injector:
             guard.held = True
         try:
             if self._claim is not None:
-                _unclaim(self._claim, check_order=True)
-                self._claim = None
+                _check_order(self._claim)  # the claim itself goes once every word is back (_take_out)
         except BaseException:
             if guard is not None:
                 guard.release()
