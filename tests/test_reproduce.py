@@ -1,5 +1,6 @@
 """``pytei reproduce``: the quick preset end to end at a tiny size, and its resumption."""
 
+import importlib.util
 import io
 import re
 import struct
@@ -27,8 +28,12 @@ TINY = replace(
     test_rows=300,
     train=TrainConfig(lr=3e-3, max_epochs=1, patience=1, batch_size=512),
     synthetic_rows=2000,
+    quantization=replace(rp.PRESETS["quick"].quantization, bers=(1e-4, 1e-3), runs=1, blast_rows=4),
 )
 STUDIES = ("dummy", "ctr", "bits", "layers")
+#: The quantization study's campaigns, run only with pytei[torchrec] (tests/test_quantization_study.py).
+QUANT_STUDIES = ("quantization-codes", "quantization-scale-bias")
+QUANT_STUDIES = QUANT_STUDIES if importlib.util.find_spec("torchrec") else ()
 
 
 def run_preset(name: str, preset: rp.Preset, out, *args: str) -> str:
@@ -131,7 +136,7 @@ def test_rerun_resumes_without_repeating(quick_run):
     before = {name: load(root / f"{name}.db") for name in STUDIES}
     output = run_quick(root.parent)
     assert "training" not in output  # checkpoints are reused
-    assert re.findall(r"(\d+) trials run", output) == ["0"] * len(STUDIES)
+    assert re.findall(r"(\d+) trials run", output) == ["0"] * (len(STUDIES) + len(QUANT_STUDIES))
     for name, df in before.items():
         after = load(root / f"{name}.db")
         assert sorted(after.trial_id) == sorted(df.trial_id)

@@ -14,6 +14,7 @@ by ``pytei reproduce``.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,7 +22,7 @@ from typing import Any
 import pandas as pd
 import torch
 
-from .checkpoint import load_checkpoint, save_checkpoint
+from .checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 
 __all__ = [
     "DTYPES",
@@ -65,15 +66,16 @@ def label(dtype: str) -> str:
 
 def quantized_checkpoints(float_ckpt: Path, folder: Path) -> dict[str, Path]:
     """``{dtype: checkpoint}``: the float checkpoint as fp32 and each quantized version written under
-    ``folder`` (kept when already there, so the study resumes)."""
+    ``folder`` (kept when already there and made from these float weights, so the study resumes)."""
     from .torchrec.quantize import quantize
 
     out = {"fp32": float_ckpt}
-    ckpt = None
+    ckpt: Checkpoint | None = None
+    sha = _meta(float_ckpt)["weights"]["sha256"]
     for dtype in DTYPES[1:]:
         path = folder / f"{float_ckpt.name}-{dtype}"
         out[dtype] = path
-        if (path / "meta.json").is_file():
+        if (path / "meta.json").is_file() and _meta(path).get("origin", {}).get("weights_sha256") == sha:
             continue
         ckpt = ckpt or load_checkpoint(float_ckpt)
         assert ckpt.data is not None  # loaded with its data
@@ -87,6 +89,11 @@ def quantized_checkpoints(float_ckpt: Path, folder: Path) -> dict[str, Path]:
             origin={"checkpoint": str(float_ckpt), "weights_sha256": ckpt.meta["weights"]["sha256"]},
         )
     return out
+
+
+def _meta(ckpt: Path) -> dict[str, Any]:
+    meta: dict[str, Any] = json.loads((ckpt / "meta.json").read_text(encoding="utf-8"))
+    return meta
 
 
 def specs(ckpts: dict[str, Path], sizes: QuantizationSizes) -> dict[str, dict[str, Any]]:

@@ -105,7 +105,8 @@ def write_report(
     ctx = Context(trials=df, ok=ok, palette=styles(labelled["series"]), extras=dict(extras or {}))
     doc = Doc(out)
     _header(doc, df, ok, heading)
-    for number, section in enumerate(_sections.sections(), start=1):
+    present = [section for section in _sections.sections() if section.applies(ctx)]
+    for number, section in enumerate(present, start=1):
         doc.heading(2, f"{number}. {section.title}")
         section.render(doc, ctx)
     (out / "report.html").write_text(doc.html(heading), encoding="utf-8")

@@ -78,14 +78,14 @@ def _series_rank(series: str) -> int:
 _POINT_COLUMNS = {"series": "model", "field": "field", "rate": "BER", **MEAN_COLUMNS, "baseline": "baseline"}
 
 
-@register("quantization", "Does quantization change robustness?", before="definitions")
+@register(
+    "quantization", "Does quantization change robustness?", before="definitions", extras=("quantization",)
+)
 def _quantization(doc: Doc, ctx: Context) -> None:
     trials = ctx.extras.get("quantization")
     flips = ctx.extras.get("quantization_blast")
     if trials is None or trials.empty:
-        doc.note(
-            "No quantization study in these results (pytei reproduce runs it with pytei[torchrec] installed)."
-        )
+        doc.note("The quantization study ran no trials.")
         return
     ok = prepare(trials)
     ok = ok.assign(
@@ -93,8 +93,9 @@ def _quantization(doc: Doc, ctx: Context) -> None:
         field=trials.loc[ok.index, "field"].astype(str),
     )
     datasets = ", ".join(sorted(ok["dataset"].unique()))
+    versions = ", ".join(sorted(ok["series"].unique(), key=_series_rank))
     doc.text(
-        f"One trained model ({', '.join(sorted(ok['series'].unique()))} on {datasets}) in each row format, "
+        f"One trained model ({versions} on {datasets}) in each row format, "
         "BitFlip errors in its embedding tables only, BER counted over the targeted bits. 'codes' are the "
         "stored values (fp32 / fp16 floats, int8 codes, int4 codes packed two a byte); 'scale/bias' are the "
         "fp16 scale and bias of each int8 / int4 row (fp32 and fp16 rows have none). Paired design: every "

@@ -1,7 +1,8 @@
 """The report's sections, in a registry: each renders its figures and tables into the document.
 
 ``register(name, title)`` adds a section (a function of the document and the ``Context``); sections
-are numbered and written in registration order, so a plugin can append its own.
+are numbered and written in registration order, so a plugin can append its own. A section that reads
+study tables besides the trials names them (``extras=``) and is left out of a report without them.
 """
 
 from __future__ import annotations
@@ -76,23 +77,30 @@ class Section:
     name: str
     title: str
     render: Callable[[Doc, Context], None]
+    extras: tuple[str, ...] = ()
+    """``Context.extras`` keys the section needs; a report without them leaves it out."""
+
+    def applies(self, ctx: Context) -> bool:
+        """Whether ``ctx`` has the study tables this section reads."""
+        return all(key in ctx.extras for key in self.extras)
 
 
 _SECTIONS: dict[str, Section] = {}
 
 
 def register(
-    name: str, title: str, *, before: str | None = None
+    name: str, title: str, *, before: str | None = None, extras: tuple[str, ...] = ()
 ) -> Callable[[Callable[[Doc, Context], None]], Callable[[Doc, Context], None]]:
     """Decorator: add ``render`` as section ``name`` headed ``title`` after the sections registered so far
-    (or just before the registered section ``before``)."""
+    (or just before the registered section ``before``); with ``extras``, only in reports that have those
+    study tables."""
 
     def add(render: Callable[[Doc, Context], None]) -> Callable[[Doc, Context], None]:
         if name in _SECTIONS:
             raise ValueError(f"report section {name!r} is already registered; registered: {names()}")
         if before is not None and before not in _SECTIONS:
             raise ValueError(f"no report section {before!r} to put {name!r} before; registered: {names()}")
-        _SECTIONS[name] = Section(name, title, render)
+        _SECTIONS[name] = Section(name, title, render, tuple(extras))
         if before is not None:
             order = list(_SECTIONS)
             order.remove(name)
