@@ -123,9 +123,14 @@ class ClipActivations(Mitigation):
         zero_mode = self.mode == "zero"
 
         def hook(module, inputs, output: torch.Tensor) -> torch.Tensor:
+            # In place where nothing else can need the raw output (not counting, no autograd graph):
+            # a fresh 4096 x 512 output costs more to allocate than to clamp.
+            inplace = not self.count and not output.requires_grad
             if zero_mode:  # Eq. (1): out-of-range, NaN and Inf -> 0
-                clipped = zero_outside(output, lo, hi)
-            else:  # Eq. (2): saturate at the bounds; NaN -> 0
+                clipped = zero_outside(output, lo, hi, inplace=inplace)
+            elif inplace:  # Eq. (2): saturate at the bounds; NaN -> 0
+                clipped = output.nan_to_num_(nan=0.0).clamp_(lo, hi)
+            else:
                 clipped = torch.nan_to_num(output, nan=0.0).clamp_(lo, hi)
             if self.count:
                 self._clipped[name] += int((clipped != output).sum())
@@ -152,15 +157,19 @@ class ClipActivations(Mitigation):
         }
 
 
-def zero_outside(y: torch.Tensor, lo: float, hi: float) -> torch.Tensor:
-    """``y`` where ``lo <= y <= hi``, else 0 (also for NaN and +-Inf): the paper's Eq. (1).
+def zero_outside(y: torch.Tensor, lo: float, hi: float, *, inplace: bool = False) -> torch.Tensor:
+    """``y`` where ``lo <= y <= hi``, else 0 (also for NaN and +-Inf): the paper's Eq. (1); written
+    into ``y`` itself with ``inplace``.
 
     Built from float-only kernels: on CPUs, comparison masks and ``torch.where`` cost several
     times a ``clamp``. Subtracting the out-of-range part leaves in-range values exact and
     out-of-range ones exactly 0; an Inf or NaN turns into NaN, which ``nan_to_num_`` zeroes.
     """
     if lo == -hi:  # hardshrink(y, h) is y where |y| > h, else 0
-        return (y - F.hardshrink(y, hi)).nan_to_num_(nan=0.0)
-    out = y - F.threshold(y, hi, 0.0)  # threshold(y, t, 0) is y where y > t, else 0
-    out -= F.threshold(y.neg(), -lo, 0.0).neg_()
+        outside = F.hardshrink(y, hi)
+        return (y.sub_(outside) if inplace else y - outside).nan_to_num_(nan=0.0)
+    above = F.threshold(y, hi, 0.0)  # threshold(y, t, 0) is y where y > t, else 0
+    below = F.threshold(y.neg(), -lo, 0.0).neg_()
+    out = y.sub_(above) if inplace else y - above
+    out -= below
     return out.nan_to_num_(nan=0.0)
