@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import os
+import tempfile
+
 import pytest
 import torch
 from torch import nn
 
 from pytei.bits import int_view
+
+#: The roofline's measured machine balance is cached per user; the suite keeps its own (children inherit it).
+os.environ.setdefault("PYTEI_CACHE_DIR", tempfile.mkdtemp(prefix="pytei-test-cache-"))
 
 #: The smallest campaign spec: one dummy model, one BER, one run (CLI tests).
 TINY_SPEC = """name = "tiny"

@@ -86,7 +86,14 @@ targets = [
     {{ component = "all", include = ["{last}"], label = "last" }},
 ]
 sites = ["weights", "activations"]
-mitigations = ["none", "abft", "ecc", "protect-bits", {{ name = "clip", low = -0.1, high = 0.1 }}]
+mitigations = [
+    "none",
+    "abft",
+    {{ name = "abft", scheme = "fused", label = "abft-fused" }},
+    "ecc",
+    "protect-bits",
+    {{ name = "clip", low = -0.1, high = 0.1 }},
+]
 metrics = ["auc", "logloss", "rmse"]
 
 [[models]]
@@ -158,7 +165,7 @@ def test_fast_rows_equal_full_rows(arch, tmp_path):
             assert a.n_faults == 0 or trial.mitigation in ("ecc", "protect-bits")  # or all filtered out
     assert "full" not in paths, paths
     assert {"clean", "rows", "samples", "subgraph"} <= set(paths), paths
-    assert len(by_mitigation) == 5
+    assert len(by_mitigation) == 6
     for mitigation, taken in by_mitigation.items():
         assert {"clean", "subgraph"} <= taken and taken & {"rows", "samples"}, (mitigation, taken)
     assert faults["none"] and faults["some"], faults

@@ -366,7 +366,9 @@ class IncrementalEvaluator:
         self.batches = list(batches)
         self.budget = default_budget() if budget is None else budget
         self.reason: str | None = None
-        self._graphs: dict[frozenset[str], _Graph] = {}
+        #: Graphs by their leaves and the storages the model's tensors live in (a mitigation may move
+        #: parameters into storage of its own while attached, as fused ABFT does).
+        self._graphs: dict[tuple[frozenset[str], tuple[int, ...]], _Graph] = {}
         self._variants: dict[str, _Variant] = {}
         self._ratios: dict[tuple[int, int], float] = {}
         self._needed: dict[tuple[int, int], int] = {}
@@ -399,13 +401,14 @@ class IncrementalEvaluator:
             )
 
     def _graph(self, leaves: frozenset[str]) -> _Graph | None:
-        if leaves not in self._graphs:
+        key = (leaves, tuple(storage_ptr(t) for t in self._tensors.values()))
+        if key not in self._graphs:
             graph = capture(self.model, leaves)
             if isinstance(graph, str):
                 self._fallback(f"cannot be captured as a torch.fx graph ({graph})")
                 return None
-            self._graphs[leaves] = _Graph(self.model, graph, leaves)
-        return self._graphs[leaves]
+            self._graphs[key] = _Graph(self.model, graph, leaves)
+        return self._graphs[key]
 
     @torch.no_grad()
     def prepare(self, variant: str, reference: torch.Tensor, *, per_sample: bool = True) -> None:

@@ -11,6 +11,8 @@ vector of an Embedding), and a row is the unit of every count in ``ABFT.stats``:
 * ``nn.Linear`` ``y = x W^T + b``: ``sum_j y_j`` must equal ``x . c + sum(b)``, ``c = W.sum(0)``.
 * ``nn.EmbeddingBag`` (sum or mean, optionally weighted) and ``nn.Embedding``: a bag's output must
   sum to the pooled row sums ``C_T[i] = T[i].sum()`` of the rows it read.
+* More module types (eval BatchNorm, DCN's cross network, the FM family's wide term, quantized
+  TorchRec collections) have checks of their own in the registry of ``pytei.mitigation.checksums``.
 
 The residual ``r`` of a row is never exactly 0 under rounding, so a row fails when ``|r| > tau * m``
 or ``r`` is NaN/Inf, where ``m`` bounds the sum of the absolute values of all the terms the row's
@@ -49,21 +51,35 @@ from __future__ import annotations
 
 import math
 import weakref
-from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, fields
+from typing import TYPE_CHECKING, Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..exceptions import PyteiError
 from .base import Batches, Mitigation, input_batches
+from .checksums import Check, make_check, uncheckable
 
-__all__ = ["ABFT", "ABFTError", "FALLBACKS"]
+if TYPE_CHECKING:
+    import pandas as pd
+
+    from .roofline import Balance
+
+__all__ = ["ABFT", "ABFTError", "BOUNDS", "FALLBACKS", "SCHEMES"]
 
 #: What happens to rows that still fail after ``max_retries`` re-executions.
 FALLBACKS = ("keep", "zero", "raise")
+#: How checksums are computed (``ABFT(scheme=...)``): in a separate pass after the layer (``global``),
+#: by the layer's own kernel call on parameters augmented with checksum columns (``fused``), or chosen
+#: per layer by its arithmetic intensity on the device's roofline (``auto``).
+SCHEMES = ("global", "fused", "auto")
+#: What a residual is compared to (``ABFT(bound=...)``): ``norm``, a bound of the absolute values the
+#: check sums (sound for any rounding); ``variance``, the standard deviation of the rounding errors as
+#: independent roundings (in the spirit of V-ABFT: tighter, so smaller errors are caught, and sound
+#: in practice only with the margin of a calibration or the 8-sigma analytic tolerance).
+BOUNDS = ("norm", "variance")
 
 #: Analytic tolerance ``u * (LAMBDA * sqrt(n) + KAPPA)``: LAMBDA = 8 makes the probabilistic rounding
 #: bound fail with probability below ~1e-13 per value (Higham & Mary 2019, Thm. 2.4), KAPPA covers
@@ -72,8 +88,6 @@ LAMBDA, KAPPA = 8.0, 4.0
 #: A calibrated tolerance is never below this many unit roundoffs (2**-20 for float32 layers), so a
 #: calibration on exact lookups (one row per bag) does not leave ``tau = 0``.
 FLOOR_ULPS = 16.0
-#: Rows of a table turned into checksums at a time (bounds the float64 temporary).
-_BLOCK = 1 << 16
 
 
 class ABFTError(PyteiError, RuntimeError):
@@ -99,179 +113,37 @@ class LayerStats:
 _CLEAN_FIELDS = ("clean_checked", "false_alarms")
 
 
-def _arg(args: tuple, kwargs: dict, i: int, name: str):
-    return args[i] if len(args) > i else kwargs.get(name)
-
-
 def _unit_roundoff(dtype: torch.dtype) -> float:
     return torch.finfo(dtype).eps / 2
-
-
-def _row_checksums(table: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """``[rows, 2]``: each row's sum and sum of absolute values, accumulated in float64 block by block."""
-    out = torch.empty(table.shape[0], 2, dtype=dtype, device=table.device)
-    with torch.no_grad():
-        for start in range(0, table.shape[0], _BLOCK):
-            block = table[start : start + _BLOCK].to(torch.float64)
-            out[start : start + _BLOCK, 0] = block.sum(1)
-            out[start : start + _BLOCK, 1] = block.abs().sum(1)
-    return out
-
-
-class _Check(ABC):
-    """Clean checksums of one module and the per-row residual of an output against them."""
-
-    def __init__(self, weight: torch.Tensor, width: int) -> None:
-        if not weight.is_floating_point():
-            raise ValueError(f"ABFT checks floating-point layers, got weights of {weight.dtype}")
-        self.encoded = (weight.device, weight.dtype, weight.shape)
-        self.dtype = torch.promote_types(weight.dtype, torch.float32)
-        self.width = width
-
-    def rows(self, output: torch.Tensor) -> torch.Tensor:
-        """``output`` as ``[rows, width]``."""
-        return output.reshape(-1, self.width)
-
-    def minus(self, rows: torch.Tensor, expected: torch.Tensor, beta: float = -1.0) -> torch.Tensor:
-        """Row sums of ``rows`` plus ``beta * expected``, in the check's dtype (``sum(1)`` runs 2-3x
-        faster than a GEMV with ones on wide rows, as fast on narrow ones)."""
-        return rows.sum(1, dtype=self.dtype).add_(expected, alpha=beta)
-
-    def cast(self, x: torch.Tensor) -> torch.Tensor:
-        return x if x.dtype == self.dtype else x.to(self.dtype)
-
-    @abstractmethod
-    def residual(self, args: tuple, kwargs: dict, output: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per row: the residual ``r`` and the magnitude bound ``m``."""
-
-    @abstractmethod
-    def terms(self, args: tuple, kwargs: dict) -> torch.Tensor | float:
-        """Values summed per output value, in the layer and in the check (for the analytic tolerance)."""
-
-
-class _LinearCheck(_Check):
-    def __init__(self, module: nn.Linear) -> None:
-        super().__init__(module.weight, module.out_features)
-        sums = _row_checksums(module.weight.detach().t(), self.dtype)  # per input feature
-        self.c = sums[:, 0].contiguous()
-        self.norm_a = float(torch.linalg.vector_norm(sums[:, 1].to(torch.float64)))
-        bias = torch.zeros(1, dtype=torch.float64) if module.bias is None else module.bias.detach().double()
-        self.sb, self.sa = (
-            torch.tensor(float(v), dtype=self.dtype, device=self.c.device)
-            for v in (bias.sum(), bias.abs().sum())
-        )
-        # y_j accumulates in_features products; x . c as many; sum_j y_j out_features values.
-        self.n = float(2 * module.in_features + module.out_features)
-
-    def _input(self, args: tuple, kwargs: dict) -> torch.Tensor:
-        return self.cast(_arg(args, kwargs, 0, "input").detach().reshape(-1, self.c.shape[0]))
-
-    def residual(self, args: tuple, kwargs: dict, output: torch.Tensor):
-        """The residual, and ``m = ||x|| * ||a|| + sum |b|``: it bounds ``|x| . a + sum |b|``
-        (Cauchy-Schwarz) with one pass over ``x``, where ``|x| . a`` would take an abs() and a GEMV,
-        and ``sum_j |y_j|`` an abs() of the (often wider) output, 3-20x the time at batch 4096."""
-        x = self._input(args, kwargs)
-        r = self.minus(self.rows(output.detach()), torch.addmv(self.sb, x, self.c))
-        return r, torch.add(self.sa, torch.linalg.vector_norm(x, dim=1), alpha=self.norm_a)
-
-    def terms(self, args: tuple, kwargs: dict) -> float:
-        return self.n
-
-
-class _EmbeddingCheck(_Check):
-    def __init__(self, module: nn.Embedding) -> None:
-        super().__init__(module.weight, module.embedding_dim)
-        self.table = _row_checksums(module.weight.detach(), self.dtype)
-        self.n = float(module.embedding_dim)  # a lookup is exact; only the check sums
-
-    def residual(self, args: tuple, kwargs: dict, output: torch.Tensor):
-        expected, m = F.embedding(_arg(args, kwargs, 0, "input"), self.table).reshape(-1, 2).unbind(1)
-        return self.minus(self.rows(output.detach()), expected), m
-
-    def terms(self, args: tuple, kwargs: dict) -> float:
-        return self.n
-
-
-class _BagCheck(_Check):
-    def __init__(self, module: nn.EmbeddingBag) -> None:
-        super().__init__(module.weight, module.embedding_dim)
-        self.table = _row_checksums(module.weight.detach(), self.dtype)
-        self.mode, self.padding_idx = module.mode, module.padding_idx
-        self.include_last_offset = module.include_last_offset
-
-    def _pool(self, idx, offsets, weights) -> torch.Tensor:
-        return F.embedding_bag(
-            idx,
-            self.table,
-            offsets,
-            mode=self.mode,
-            per_sample_weights=weights,
-            include_last_offset=self.include_last_offset,
-            padding_idx=self.padding_idx,
-        )
-
-    def residual(self, args: tuple, kwargs: dict, output: torch.Tensor):
-        idx, offsets = _arg(args, kwargs, 0, "input"), _arg(args, kwargs, 1, "offsets")
-        weights = _arg(args, kwargs, 2, "per_sample_weights")
-        if weights is None:
-            pooled = self._pool(idx, offsets, None)
-            expected, m = pooled.unbind(1)
-        else:
-            weights = self.cast(weights.detach())
-            expected = self._pool(idx, offsets, weights)[:, 0]
-            m = self._pool(idx, offsets, weights.abs())[:, 1]
-        return self.minus(self.rows(output.detach()), expected), m
-
-    def terms(self, args: tuple, kwargs: dict) -> torch.Tensor | float:
-        """Twice the bag size (the output and the pooled checksum each sum the bag) plus the width."""
-        idx, offsets = _arg(args, kwargs, 0, "input"), _arg(args, kwargs, 1, "offsets")
-        if idx.dim() == 2:
-            return float(2 * idx.shape[1] + self.width)
-        ends = None if self.include_last_offset else offsets.new_tensor([idx.numel()])
-        return 2 * torch.diff(offsets, append=ends).to(self.dtype) + self.width
-
-
-def _uncheckable(module: nn.Module) -> str | None:
-    """Why ``module`` cannot be protected, or None if it can."""
-    if isinstance(module, nn.Linear):
-        return None
-    if not isinstance(module, nn.Embedding | nn.EmbeddingBag):
-        return f"it is a {type(module).__name__}, not a Linear, Embedding or EmbeddingBag"
-    if module.max_norm is not None:
-        return "max_norm renormalises its table in place, so clean checksums go stale"
-    if isinstance(module, nn.EmbeddingBag) and module.mode == "max":
-        return "mode='max' is not linear, so no checksum describes it"
-    return None
-
-
-def _make_check(module: nn.Module) -> _Check:
-    """Encode the checksums of ``module``'s current weights."""
-    if isinstance(module, nn.Linear):
-        return _LinearCheck(module)
-    if isinstance(module, nn.EmbeddingBag):
-        return _BagCheck(module)
-    if isinstance(module, nn.Embedding):
-        return _EmbeddingCheck(module)
-    raise TypeError(f"ABFT checks Linear, Embedding and EmbeddingBag layers, got {type(module).__name__}")
 
 
 @dataclass
 class _Layer:
     name: str
-    check: _Check
+    check: Check
+    scheme: str = "global"  # the scheme in force: "global" or "fused"
     busy: bool = False  # set while the module is being re-executed from its own hook
     worst: float = 0.0  # largest clean |r| / m seen by calibrate
     seen: bool = False  # whether calibrate saw any verifiable row
     u: float = 0.0  # unit roundoff of the outputs seen by calibrate
 
+    def residual(self, args: tuple, kwargs: dict, output: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        """The check's residual under this layer's scheme."""
+        if self.scheme == "fused":
+            return self.check.fused_residual(args, kwargs, output)
+        return self.check.residual(args, kwargs, output)
+
 
 class ABFT(Mitigation):
     """Checksum-test every protected layer's output rows and re-execute layers whose rows fail.
 
-    ``layers`` names the modules to protect (default: every ``nn.Linear``, output layers included,
-    and every ``nn.Embedding``/``nn.EmbeddingBag`` that a checksum can describe). ``tau`` is the
-    relative tolerance: a float for all layers, a mapping for some, else the analytic default;
-    ``calibrate`` replaces it per layer by ``margin`` times the largest clean residual.
+    ``layers`` names the modules to protect (default: every module with a registered check that can
+    describe it, ``pytei.mitigation.checksums``: Linear layers, output layers included, embeddings,
+    eval BatchNorm, cross networks, quantized TorchRec collections). ``tau`` is the relative
+    tolerance: a float for all layers, a mapping for some, else the analytic default; ``calibrate``
+    replaces it per layer by ``margin`` times the largest clean residual. ``scheme`` (``SCHEMES``)
+    picks how checksums are computed and ``bound`` (``BOUNDS``) what residuals are compared to;
+    ``plan`` lists, per parameterised layer, what checks it and what that costs.
 
     A failing row triggers up to ``max_retries`` re-executions of its module with the same inputs
     (its forward hooks run again, so injected activation faults are drawn afresh); each failing row
@@ -290,7 +162,13 @@ class ABFT(Mitigation):
         max_retries: int = 3,
         fallback: str = "keep",
         margin: float = 8.0,
+        scheme: str = "global",
+        bound: str = "norm",
     ) -> None:
+        if bound not in BOUNDS:
+            raise ValueError(f"unknown ABFT bound {bound!r}; allowed: {', '.join(BOUNDS)}")
+        if scheme not in SCHEMES:
+            raise ValueError(f"unknown ABFT scheme {scheme!r}; allowed: {', '.join(SCHEMES)}")
         if fallback not in FALLBACKS:
             raise ValueError(f"unknown ABFT fallback {fallback!r}; allowed: {', '.join(FALLBACKS)}")
         if isinstance(max_retries, bool) or not isinstance(max_retries, int) or max_retries < 0:
@@ -305,17 +183,24 @@ class ABFT(Mitigation):
         self.default_tau = float(tau) if isinstance(tau, int | float) else None
         self.tau = {k: float(v) for k, v in per_layer.items()}
         self.max_retries, self.fallback, self.margin = max_retries, fallback, float(margin)
+        self.scheme, self.bound = scheme, bound
+        #: With ``scheme="auto"``: the scheme chosen per layer by ``plan`` or ``calibrate`` (a layer not
+        #: chosen yet runs the global check).
+        self.schemes: dict[str, str] = {}
         self._model: nn.Module | None = None
-        self._checks: weakref.WeakKeyDictionary[nn.Module, _Check] = weakref.WeakKeyDictionary()
+        self._checks: weakref.WeakKeyDictionary[nn.Module, Check] = weakref.WeakKeyDictionary()
         self._layers: list[_Layer] = []
         self._hooks: list[torch.utils.hooks.RemovableHandle] = []
+        self._fused: list[tuple[Check, nn.Module]] = []  # layers whose parameters are fused, to undo
         self._stats: dict[str, LayerStats] = {}
         self._mode = "protect"
 
     def __repr__(self) -> str:
         tau = f"{len(self.tau)} calibrated layers" if self.tau else self.default_tau
         tau = "analytic" if tau is None else tau
-        return f"ABFT(tau={tau}, max_retries={self.max_retries}, fallback={self.fallback!r})"
+        scheme = "" if self.scheme == "global" else f", scheme={self.scheme!r}"
+        scheme += "" if self.bound == "norm" else f", bound={self.bound!r}"
+        return f"ABFT(tau={tau}, max_retries={self.max_retries}, fallback={self.fallback!r}{scheme})"
 
     # --- attachment ----------------------------------------------------------------------------
 
@@ -323,12 +208,12 @@ class ABFT(Mitigation):
         """The modules this ABFT protects in ``model``, by name."""
         modules = dict(model.named_modules())
         if self.layers is None:
-            return {n: m for n, m in modules.items() if _uncheckable(m) is None}
+            return {n: m for n, m in modules.items() if uncheckable(m) is None}
         missing = [n for n in self.layers if n not in modules]
         if missing:
             raise ValueError(f"no module named {missing} in {type(model).__name__}")
         for name in self.layers:
-            reason = _uncheckable(modules[name])
+            reason = uncheckable(modules[name])
             if reason is not None:
                 raise ValueError(f"ABFT cannot protect {name!r}: {reason}")
         return {n: modules[n] for n in self.layers}
@@ -338,17 +223,37 @@ class ABFT(Mitigation):
         time (their weights must be clean now)."""
         if self._hooks:
             raise RuntimeError("this ABFT is already attached; detach() first")
-        for name, module in self.protected(model).items():
-            layer = _Layer(name, self._check(module))
-            self._layers.append(layer)
-            self._hooks.append(module.register_forward_hook(self._hook(layer), with_kwargs=True))
-            self._stats.setdefault(name, LayerStats())
+        protected = self.protected(model)
         self._model = model
+        try:
+            for name, module in protected.items():
+                check = self._check(module)
+                layer = _Layer(name, check, self._scheme_of(name, module, check))
+                self._layers.append(layer)
+                if layer.scheme == "fused":
+                    check.fuse(module)
+                    self._fused.append((check, module))
+                self._hooks.append(module.register_forward_hook(self._hook(layer), with_kwargs=True))
+                self._stats.setdefault(name, LayerStats())
+            for layer in self._layers:  # after every check's hook, so a tap reads the checked output
+                for tap in layer.check.taps:
+                    child = protected[layer.name].get_submodule(tap)
+                    self._hooks.append(child.register_forward_hook(_recorder(layer.check, tap)))
+        except BaseException:
+            self.detach()
+            raise
 
-    def _check(self, module: nn.Module) -> _Check:
+    def _scheme_of(self, name: str, module: nn.Module, check: Check) -> str:
+        """The scheme layer ``name`` runs: ``fused`` where asked for (or chosen by ``auto``) and the
+        check has a fused form for this module, else ``global``."""
+        wanted = self.schemes.get(name, "global") if self.scheme == "auto" else self.scheme
+        return "fused" if wanted == "fused" and check.why_not_fused(module) is None else "global"
+
+    def _check(self, module: nn.Module) -> Check:
         check = self._checks.get(module)
-        if check is None or check.encoded != (module.weight.device, module.weight.dtype, module.weight.shape):
-            check = self._checks[module] = _make_check(module)
+        if check is None or check.stale(module):
+            check = self._checks[module] = make_check(module)
+            check.use_bound(self.bound)
         return check
 
     def refresh(self) -> None:
@@ -361,6 +266,9 @@ class ABFT(Mitigation):
     def detach(self) -> None:
         while self._hooks:
             self._hooks.pop().remove()
+        while self._fused:
+            check, module = self._fused.pop()
+            check.unfuse(module)
         self._layers.clear()
         self._model = None
 
@@ -372,8 +280,8 @@ class ABFT(Mitigation):
 
     def _excess(self, layer: _Layer, args: tuple, kwargs: dict, output: torch.Tensor):
         """Per row ``|r| - tau * m`` (a row fails where it is > 0 or NaN), and ``m``."""
-        r, m = layer.check.residual(args, kwargs, output)
-        tau = self._tolerance(layer, args, kwargs, output.dtype)
+        r, m = layer.residual(args, kwargs, output)
+        tau = self._tolerance(layer, args, kwargs, _dtype(output))
         return _minus_scaled(r.abs_(), m, tau), m
 
     def _hook(self, layer: _Layer):
@@ -405,7 +313,8 @@ class ABFT(Mitigation):
     def _recover(self, layer: _Layer, module: nn.Module, args: tuple, kwargs: dict, output, bad):
         """Re-execute up to ``max_retries`` times, keep each row's first passing value, then fall back."""
         st = self._stats[layer.name]
-        rows = layer.check.rows(output)
+        check = layer.check
+        rows = check.values(output)
         detected = int(bad.sum())
         for _ in range(self.max_retries):
             layer.busy = True
@@ -414,7 +323,7 @@ class ABFT(Mitigation):
             finally:
                 layer.busy = False
             st.reexecutions += 1
-            rows = torch.where(bad[:, None], layer.check.rows(retry), rows)
+            rows = torch.where(check.row_mask(bad)[:, None], check.values(retry), rows)
             bad = bad & _split(*self._excess(layer, args, kwargs, retry))[0]
             if not bool(bad.any()):
                 break
@@ -427,19 +336,19 @@ class ABFT(Mitigation):
                 f"checksum after {self.max_retries} re-executions (persistent error, e.g. corrupted weights)"
             )
         if left and self.fallback == "zero":
-            rows = rows.masked_fill(bad[:, None], 0)
-        return rows.reshape(output.shape)
+            rows = rows.masked_fill(check.row_mask(bad)[:, None], 0)
+        return check.rebuild(output, rows)
 
     # --- calibration and clean runs --------------------------------------------------------------
 
     def _record(self, layer: _Layer, args: tuple, kwargs: dict, output: torch.Tensor) -> None:
-        r, m = layer.check.residual(args, kwargs, output)
+        r, m = layer.residual(args, kwargs, output)
         verifiable = m < math.inf
         rel = torch.where(verifiable, r.abs() / m.clamp_min(torch.finfo(m.dtype).tiny), 0.0)
         if rel.numel():
             layer.worst = max(layer.worst, float(rel.max()))  # NaN propagates and is refused later
             layer.seen = layer.seen or bool(verifiable.any())
-        layer.u = _unit_roundoff(output.dtype)
+        layer.u = _unit_roundoff(_dtype(output))
 
     def _run_clean(self, model: nn.Module, batches: list[tuple], mode: str) -> list[_Layer]:
         """Run ``batches`` through ``model`` (eval mode, no grad) with the hooks in ``mode``; returns
@@ -471,8 +380,11 @@ class ABFT(Mitigation):
         ``batches`` (tensors of a one-input model or tuples for ``model(*inputs)``), at least
         ``FLOOR_ULPS`` unit roundoffs; then re-run the batches with the final ``tau`` to measure
         ``false_alarms`` (0 unless clean outputs hold NaN/Inf). Layers the batches never reach keep
-        their previous ``tau``. Returns ``tau``."""
+        their previous ``tau``. With ``scheme="auto"`` (and not attached), first choose each layer's
+        scheme on the first batch (``plan``), so that ``tau`` is calibrated under it. Returns ``tau``."""
         inputs = input_batches(batches, "ABFT.calibrate")
+        if self.scheme == "auto" and not self._hooks and inputs:
+            self.plan(model, inputs[0], repeats=3)
         calibrated = {}
         for layer in self._run_clean(model, inputs, "calibrate"):
             if not layer.seen:
@@ -492,6 +404,35 @@ class ABFT(Mitigation):
         self._run_clean(model, input_batches(batches, "ABFT.measure_false_alarms"), "clean")
         return sum(st.false_alarms for st in self._stats.values())
 
+    # --- the plan ---------------------------------------------------------------------------------
+
+    def plan(
+        self,
+        model: nn.Module,
+        batch: torch.Tensor | Sequence[torch.Tensor],
+        *,
+        balance: Balance | None = None,
+        repeats: int = 5,
+    ) -> pd.DataFrame:
+        """One row per parameterised layer of ``model``: checked (and by which protected layer) or
+        unchecked with the reason; for checked layers the call shape on ``batch`` (a tensor or a tuple
+        of model inputs), FLOPs, bytes, arithmetic intensity, memory- or compute-bound on this device's
+        measured roofline, the scheme, and the measured time of the layer and of its check (median of
+        ``repeats``). ``balance``: the device profile to classify layers by (default: this device's,
+        measured once and cached; ``pytei.mitigation.roofline``). Columns: ``_abft_plan.COLUMNS``."""
+        from ._abft_plan import plan_table
+
+        inputs = input_batches([batch] if isinstance(batch, torch.Tensor) else [tuple(batch)], "ABFT.plan")[0]
+        if self._hooks:
+            raise RuntimeError("ABFT.plan times each scheme on the model itself; detach() first")
+        table = plan_table(
+            model, self.protected(model), self._check, inputs, self.scheme, balance=balance, repeats=repeats
+        )
+        if self.scheme == "auto":
+            chosen = table[table["checked_by"] == table["layer"]]
+            self.schemes = {str(k): str(v) for k, v in zip(chosen["layer"], chosen["scheme"], strict=True)}
+        return table
+
     # --- statistics -------------------------------------------------------------------------------
 
     @property
@@ -506,6 +447,21 @@ class ABFT(Mitigation):
         """Zero the counters of protected runs; the last clean-run measurement is kept."""
         for name, st in self._stats.items():
             self._stats[name] = LayerStats(**{k: getattr(st, k) for k in _CLEAN_FIELDS})
+
+
+def _dtype(output: Any) -> torch.dtype:
+    """The dtype of a layer's output values: a tensor's, or a TorchRec KeyedTensor's ``values()``."""
+    dtype: torch.dtype = output.dtype if isinstance(output, torch.Tensor) else output.values().dtype
+    return dtype
+
+
+def _recorder(check: Check, tap: str):
+    """A forward hook that hands ``check`` the output of its tap ``tap``."""
+
+    def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
+        check.tapped[tap] = output
+
+    return hook
 
 
 def _minus_scaled(size: torch.Tensor, m: torch.Tensor, tau: torch.Tensor | float) -> torch.Tensor:
