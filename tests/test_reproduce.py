@@ -124,6 +124,9 @@ def test_quick_preset_writes_the_report(quick_run):
     text = report.read_text()
     for section in ("RMSE", "AUC", "Mitigation", "bit", "layer", "failure BER"):
         assert section.lower() in text.lower(), section
+    assert ". ABFT coverage and cost per layer\n" in text  # the ABFT plan of every CTR model
+    assert "Every parameterised layer of these models is checked." in text
+    assert text.count("| cn.w.0 | Linear |") == 1  # dcn's cross layers, on the roofline
     pngs = sorted((root / "report").glob("*.png"))
     assert len(pngs) >= 5
     for png in pngs:

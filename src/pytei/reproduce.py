@@ -354,6 +354,24 @@ def _quantization_study(
     return {"quantization": study.study_trials(frames), "quantization_blast": blast}
 
 
+def _abft_plans(ckpts: list[Path], console: Console, rows: int = 2048) -> pd.DataFrame:
+    """``ABFT.plan`` of every CTR checkpoint on its first ``rows`` test samples, one frame with a
+    ``model`` column (its checkpoint's name): what ABFT checks, on which roofline side, at what cost."""
+    from .mitigation.abft import ABFT
+
+    console.print("ABFT plan (coverage, roofline, measured check cost)", style="bold", markup=False)
+    frames = []
+    for path in ckpts:
+        ckpt = load_checkpoint(path)
+        assert ckpt.data is not None  # loaded with its data
+        test = ckpt.data.test.inputs
+        n = min(rows, len(ckpt.data.test))
+        batch = ckpt.data.model_inputs(tuple(t[:n] for t in test))
+        plan = ABFT(scheme="auto").plan(ckpt.model.eval(), batch, repeats=3)
+        frames.append(plan.assign(model=path.name))
+    return pd.concat(frames, ignore_index=True)
+
+
 def reproduce(
     preset: str = "quick",
     out: str | Path = "pytei-out",
@@ -405,7 +423,8 @@ def reproduce(
         "layers": _layer_spec(cfg, ckpts),
     }
     frames = [_run_study(out, name, data, workers, console) for name, data in studies.items()]
-    extras = _quantization_study(out, cfg, workers, console)
+    extras = {"abft_plan": _abft_plans(ckpts, console)}
+    extras.update(_quantization_study(out, cfg, workers, console) or {})
     report = write_report(
         pd.concat(frames, ignore_index=True),
         out / "report",

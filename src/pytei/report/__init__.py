@@ -18,6 +18,7 @@ from pathlib import Path
 import pandas as pd
 
 from ..stats import summarize
+from . import abft_plan as _abft_plan  # noqa: F401 - registers its section
 from . import quantization as _quantization  # noqa: F401 - registers its section
 from . import sections as _sections
 from .document import Doc
