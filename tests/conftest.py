@@ -64,3 +64,15 @@ class TinyRec(nn.Module):
 @pytest.fixture
 def tiny() -> TinyRec:
     return TinyRec().eval()
+
+
+class ScaledLinear(nn.Module):
+    """A module with a parameter of its own that no ABFT check describes (``scale``) around a Linear."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.scale = nn.Parameter(torch.ones(4))
+        self.fc = nn.Linear(4, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(x * self.scale)

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 import pytei
+from conftest import ScaledLinear
 from pytei import FlipCount
 from pytei.mitigation import checksums, mitigate
 from pytei.mitigation.abft import ABFT
@@ -88,19 +89,10 @@ def test_plan_is_deterministic_for_a_device_profile():
 
 
 def test_unchecked_layers_are_listed_with_the_reason():
-    class Odd(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.scale = nn.Parameter(torch.ones(4))
-            self.fc = nn.Linear(4, 2)
-
-        def forward(self, x):
-            return self.fc(x * self.scale)
-
-    model = Odd().eval()
+    model = ScaledLinear().eval()
     plan = ABFT().plan(model, torch.randn(8, 4), repeats=1).set_index("layer")
     assert plan.loc["", "status"] == "unchecked"
-    assert "Odd, which has no registered ABFT check" in plan.loc["", "reason"]
+    assert "ScaledLinear, which has no registered ABFT check" in plan.loc["", "reason"]
     assert plan.loc["fc", "status"] == "checked"
     bag = nn.EmbeddingBag(10, 4, mode="max")
     assert "not linear" in uncheckable(bag)

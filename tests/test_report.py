@@ -584,27 +584,19 @@ def test_abft_plan_section_appears_only_with_its_table(campaign: pd.DataFrame, t
     import torch
     from torch import nn
 
+    from conftest import ScaledLinear
     from pytei.mitigation import ABFT
     from pytei.mitigation.roofline import Balance
-
-    class Odd(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.scale = nn.Parameter(torch.ones(4))
-            self.fc = nn.Linear(4, 2)
-
-        def forward(self, x):
-            return self.fc(x * self.scale)
 
     profile = Balance(device="test", threads=1, flops=1e11, bandwidth=1e10, torch=torch.__version__)
     plans = [
         ABFT(scheme="auto").plan(model, torch.randn(64, 4), balance=profile, repeats=1).assign(model=name)
-        for name, model in (("odd", Odd().eval()), ("mlp", nn.Sequential(nn.Linear(4, 8), nn.Linear(8, 1))))
+        for name, model in (("odd", ScaledLinear()), ("mlp", nn.Sequential(nn.Linear(4, 8), nn.Linear(8, 1))))
     ]
     extras = {"abft_plan": pd.concat(plans, ignore_index=True)}
     md = write_report(campaign, tmp_path, extras=extras).read_text()
     assert "\n## 8. ABFT coverage and cost per layer\n" in md and "\n## 9. Definitions\n" in md
     assert _table_row(md, "odd", "1", "1").startswith("| odd | 1 | 1 | 10 of 14 |")  # fc checked, scale not
     assert _table_row(md, "mlp", "2", "0")
-    assert "| odd |  | Odd | 4 | it is a Odd, which has no registered ABFT check |" in md
+    assert "| odd |  | ScaledLinear | 4 | it is a ScaledLinear, which has no registered ABFT check |" in md
     assert "| mlp | 0 | Linear | 64x4 -> 64x8 |" in md
