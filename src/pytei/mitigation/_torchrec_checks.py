@@ -135,9 +135,7 @@ class QuantBagCheck(Check):
         configs = _ordered_configs(mod)
         storages = _storages(module)
         device = storages[0].row_bytes.device
-        self.dtype = torch.float32
-        self.tapped = {}
-        self.encoded = _signature(module)
+        self._setup(torch.float32, 0, _signature(module))  # width: set below, from the tables
         parts, bases, feature_rows, dims, means = [], [], [], [], []
         start = 0
         zero = torch.zeros(1, 2, dtype=self.dtype, device=device)

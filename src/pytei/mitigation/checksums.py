@@ -77,17 +77,21 @@ class Check(ABC):
     def __init__(self, weight: torch.Tensor, width: int) -> None:
         if not weight.is_floating_point():
             raise ValueError(f"ABFT checks floating-point layers, got weights of {weight.dtype}")
-        self.encoded = self.key_of(weight)
-        self.dtype = torch.promote_types(weight.dtype, torch.float32)
+        self._setup(torch.promote_types(weight.dtype, torch.float32), width, self.key_of(weight))
+
+    def _setup(self, dtype: torch.dtype, width: int, encoded: Any) -> None:
+        """The state every check has: its dtype, output width and what its checksums follow."""
+        self.encoded = encoded
+        self.dtype = dtype
         self.width = width
         self.tapped: dict[str, torch.Tensor] = {}
-        self.pending: torch.Tensor | None = None  # the checksum part of the last fused call
+        self.pending: torch.Tensor | None = None  # the augmented output of the last fused call
+        self._swapped: list[tuple[str, torch.Tensor]] = []
+        self._forward: Any = None
         #: The rounding scale ``m`` a residual is compared to: ``"norm"``, a bound of the absolute
         #: terms; ``"variance"``, the standard deviation of the rounding errors under the model of
         #: independent roundings (checks without a variance form keep ``"norm"``).
         self.bound = "norm"
-        self._swapped: list[tuple[str, torch.Tensor]] = []
-        self._forward: Any = None
 
     @staticmethod
     def key_of(weight: torch.Tensor) -> tuple:
