@@ -14,7 +14,6 @@ Pool workers ignore SIGINT (the parent stops them) and die with their parent, ``
 
 from __future__ import annotations
 
-import ctypes
 import itertools
 import multiprocessing
 import os
@@ -24,13 +23,14 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
-from contextlib import contextmanager, suppress
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
 from .. import metrics, stats
 from .. import plugins as plugin_loader
+from .._process import die_with_parent
 from .._registry import Registry
 from ..exceptions import PyteiError
 from ..progress import progress_bar
@@ -148,26 +148,6 @@ class InProcess:
 _PROCESS_WORKER: _Worker | None = None
 
 
-_PR_SET_PDEATHSIG = 1
-
-
-def _die_with_parent(parent: int) -> None:
-    """End this worker when ``parent`` ends, ``kill -9`` included: ``PR_SET_PDEATHSIG`` on Linux, and
-    everywhere a daemon thread that polls the parent pid (a worker is re-parented when it dies)."""
-    if sys.platform.startswith("linux"):
-        with suppress(OSError, AttributeError):  # without it, the thread below still works
-            ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-    if os.getppid() != parent:  # it died before the signal was armed
-        os._exit(1)
-
-    def watch() -> None:
-        while os.getppid() == parent:
-            time.sleep(0.5)
-        os._exit(1)
-
-    threading.Thread(target=watch, name="pytei-parent-watch", daemon=True).start()
-
-
 @contextmanager
 def _sigint_ignored() -> Iterator[None]:
     """Ignore SIGINT in this process meanwhile (the main thread only: elsewhere it cannot be set);
@@ -192,7 +172,7 @@ def _init_process(plugin_modules: tuple[str, ...], parent: int | None = None) ->
     global _PROCESS_WORKER
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle: it stops us
     if parent is not None:
-        _die_with_parent(parent)
+        die_with_parent(parent)
     torch.set_num_threads(1)  # one thread per process: N processes use N cores
     _PROCESS_WORKER = _Worker(plugin_modules)
 
