@@ -378,6 +378,44 @@ def _cmd_campaign_export(args: argparse.Namespace, console: Console) -> None:
     _say(console, f"wrote {out}")
 
 
+def _cmd_distributed(args: argparse.Namespace, console: Console) -> None:
+    from .distributed import STRATEGIES, check_strategy
+    from .distributed_study import DistributedSizes, run_study
+    from .outputs import check_output_dir
+    from .report import write_report
+    from .torchrec import require
+
+    strategies = tuple(s.strip() for s in args.strategies.split(",") if s.strip())
+    if not strategies:
+        raise CLIError(f"--strategies names no strategy; allowed: {', '.join(STRATEGIES)}")
+    for s in strategies:
+        check_strategy(s)
+    try:
+        worlds = tuple(int(w) for w in args.world_sizes.split(","))
+    except ValueError:
+        raise CLIError(f"--world-sizes must be comma-separated ints >= 1, got {args.world_sizes!r}") from None
+    if any(w < 1 for w in worlds):
+        raise CLIError(f"--world-sizes must be comma-separated ints >= 1, got {args.world_sizes!r}")
+    for path, flag in ((args.checkpoint, "checkpoint"), (args.stale, "--stale")):
+        if path is not None and not Path(path).is_dir():
+            raise CLIError(f"{flag} {path} is not a checkpoint directory")
+    out = check_output_dir(args.report, "--report") if args.report else None
+    require("pytei distributed")
+    sizes = DistributedSizes(
+        strategies=strategies,
+        world_sizes=worlds,
+        ber=args.ber,
+        runs=args.runs,
+        test_rows=args.test_rows,
+        batch_size=args.batch_size,
+    )
+    trials = run_study(args.checkpoint, args.db, sizes, stale=args.stale, console=console)
+    if out is not None:
+        md = write_report(trials, out, title="pytei distributed", extras={"distributed": trials},
+                          sections=("distributed", "definitions"))  # fmt: skip
+        console.print(f"report: {md} and {md.with_suffix('.html')}", markup=False, soft_wrap=True)
+
+
 def _cmd_report(args: argparse.Namespace, console: Console) -> None:
     from .outputs import check_output_dir
     from .report import write_report
@@ -631,6 +669,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="overwrite --out if it exists")
 
     p = command(
+        sub,
+        "distributed",
+        "shard a TorchRec checkpoint over processes; AUC, blast radius, latency and recovery per host fault",
+        _cmd_distributed,
+    )
+    p.add_argument("checkpoint", help="checkpoint directory of a TorchRec model ('pytei train')")
+    p.add_argument("--db", required=True, help="SQLite results database (created, or resumed)")
+    p.add_argument(
+        "--strategies",
+        default="table_wise,column_wise,table_column_wise,data_parallel",
+        help="comma-separated sharding strategies (row_wise needs GPUs)",
+    )
+    p.add_argument("--world-sizes", default="2", help="comma-separated process counts (hosts)")
+    p.add_argument("--stale", help="an older checkpoint of the same model: a stale host serves it")
+    p.add_argument("--ber", type=float, default=1e-3, help="BitFlip rate of global and host-SDC trials")
+    p.add_argument("--runs", type=_count(1), default=2, help="seeds per fault that draws at random")
+    p.add_argument("--test-rows", type=_count(1), default=2000, help="test rows scored per trial")
+    p.add_argument("--batch-size", type=_count(1), default=256, help="rows per rank per step")
+    p.add_argument("--report", help="also write the report to this folder")
+
+    p = command(
         sub, "report", "figures, tables, report.md and report.html from a results database", _cmd_report
     )
     p.add_argument("db", help="the campaign's SQLite results database")
@@ -640,7 +699,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = command(
         sub, "reproduce", "the paper's study in one resumable command, ending with the report", _cmd_reproduce
     )
-    p.add_argument("--preset", choices=["quick", "paper"], default="quick", help="study size")
+    p.add_argument(
+        "--preset",
+        choices=["quick", "paper", "distributed"],
+        default="quick",
+        help="study size: quick, paper, or distributed (sharded inference; needs pytei[torchrec])",
+    )
     p.add_argument("--out", default="pytei-out", help="output folder (checkpoints, databases, report)")
     p.add_argument("--data-dir", help="folder with ratings.dat / ratings.csv / train.txt (paper preset)")
     p.add_argument(

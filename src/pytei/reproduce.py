@@ -19,7 +19,7 @@ resumes where it stopped (finished checkpoints and trials are kept).
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +34,7 @@ from .campaign.execute import run_campaign
 from .checkpoint import load_checkpoint, save_checkpoint
 from .compat import parse_flags
 from .data import load as load_data
+from .distributed_study import DistributedSizes
 from .exceptions import ArgumentError, MissingExtraError
 from .quantization_study import QuantizationSizes
 from .report import write_report
@@ -137,10 +138,17 @@ def _bers(lo: float, hi: float) -> dict[str, float | int]:
 
 
 def _checkpoint(
-    out: Path, model: str, dataset: str, data_dir: Path | None, preset: Preset, console: Console
+    out: Path,
+    model: str,
+    dataset: str,
+    data_dir: Path | None,
+    preset: Preset,
+    console: Console,
+    name: str | None = None,
 ) -> Path:
-    """Train ``model`` on ``dataset`` unless its checkpoint already exists (resumable)."""
-    path = out / "checkpoints" / f"{model}-{dataset}"
+    """Train ``model`` on ``dataset`` unless its checkpoint (``name``, default ``model-dataset``) already
+    exists (resumable)."""
+    path = out / "checkpoints" / (name or f"{model}-{dataset}")
     if (path / "meta.json").is_file():
         try:
             load_checkpoint(path, with_data=False)
@@ -372,6 +380,35 @@ def _abft_plans(ckpts: list[Path], console: Console, rows: int = 2048) -> pd.Dat
     return pd.concat(frames, ignore_index=True)
 
 
+#: The distributed preset: dlrm-torchrec trained on synthetic-ctr (and its 1-epoch version, the stale host's
+#: shards), sharded over 2 and 4 processes by every CPU strategy.
+DISTRIBUTED_MODEL = "dlrm-torchrec"
+DISTRIBUTED_TRAINING = TrainConfig(lr=3e-3, max_epochs=4, patience=2)
+DISTRIBUTED_ROWS = 50_000
+DISTRIBUTED = DistributedSizes(world_sizes=(2, 4), runs=2, test_rows=2000, latency_requests=20)
+
+
+def _reproduce_distributed(out: Path, console: Console) -> Path:
+    """Train the model (and its stale version), run the distributed-inference study, write its report."""
+    from .distributed_study import run_study
+    from .torchrec import require
+
+    require("pytei reproduce --preset distributed")
+    sizes = replace(PRESETS["quick"], synthetic_rows=DISTRIBUTED_ROWS, train=DISTRIBUTED_TRAINING)
+    ckpt = _checkpoint(out, DISTRIBUTED_MODEL, "synthetic-ctr", None, sizes, console)
+    early = replace(sizes, train=replace(DISTRIBUTED_TRAINING, max_epochs=1))
+    name = f"{DISTRIBUTED_MODEL}-synthetic-ctr-epoch1"
+    stale = _checkpoint(out, DISTRIBUTED_MODEL, "synthetic-ctr", None, early, console, name=name)
+    trials = run_study(ckpt, out / "distributed.db", DISTRIBUTED, stale=stale, console=console)
+    return write_report(
+        trials,
+        out / "report",
+        title="pytei reproduce --preset distributed",
+        extras={"distributed": trials},
+        sections=("distributed", "definitions"),
+    )
+
+
 def reproduce(
     preset: str = "quick",
     out: str | Path = "pytei-out",
@@ -390,8 +427,15 @@ def reproduce(
     ``compat``: flags of ``pytei.compat.COMPAT_FLAGS``; the CTR study then also runs with each flag
     alone and with all together, and the report gets a table of what each moves."""
     flags = parse_flags(",".join(compat))
+    if preset == "distributed":
+        if flags:
+            raise ArgumentError("--compat applies to the quick and paper presets, not to distributed")
+        console = console or Console()
+        report = _reproduce_distributed(Path(out).expanduser().resolve() / preset, console)
+        console.print(f"report: {report} and {report.with_suffix('.html')}", markup=False, soft_wrap=True)
+        return report
     if preset not in PRESETS:
-        raise ValueError(f"unknown preset {preset!r}; allowed: {', '.join(PRESETS)}")
+        raise ValueError(f"unknown preset {preset!r}; allowed: {', '.join(PRESETS)}, distributed")
     console = console or Console()
     cfg = PRESETS[preset]
     out = Path(out).expanduser().resolve() / preset

@@ -12,13 +12,14 @@ registry; ``pytei.report.sections.register`` adds one).
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import pandas as pd
 
 from ..stats import summarize
 from . import abft_plan as _abft_plan  # noqa: F401 - registers its section
+from . import distributed as _distributed  # noqa: F401 - registers its section
 from . import quantization as _quantization  # noqa: F401 - registers its section
 from . import sections as _sections
 from .document import Doc
@@ -84,13 +85,16 @@ def write_report(
     *,
     title: str | None = None,
     extras: Mapping[str, pd.DataFrame] | None = None,
+    sections: Sequence[str] | None = None,
 ) -> Path:
     """Write the figures, ``report.md`` and a self-contained ``report.html`` to ``out_dir``.
 
     ``df_or_db``: a DataFrame with one row per trial (as ``pytei.results.load`` gives it: with the
     ``kind`` and dummy ``cfg_*`` columns), or a results database path. ``extras``: tables of studies
     that sections read besides the trials (``quantization``: the quantization study's trials with
-    ``dtype`` and ``field``; ``quantization_blast``: its measured flips). Returns the path of ``report.md``.
+    ``dtype`` and ``field``; ``quantization_blast``: its measured flips; ``abft_plan``; ``distributed``:
+    the distributed-inference study's trials). ``sections``: names of the sections to write (default:
+    every registered one that has its data). Returns the path of ``report.md``.
     """
     if isinstance(df_or_db, pd.DataFrame):
         df = df_or_db
@@ -106,7 +110,13 @@ def write_report(
     ctx = Context(trials=df, ok=ok, palette=styles(labelled["series"]), extras=dict(extras or {}))
     doc = Doc(out)
     _header(doc, df, ok, heading)
-    present = [section for section in _sections.sections() if section.applies(ctx)]
+    if sections is not None:
+        unknown = sorted(set(sections) - set(_sections.names()))
+        if unknown:
+            raise ValueError(f"no report section {unknown}; registered: {', '.join(_sections.names())}")
+    present = [
+        s for s in _sections.sections() if s.applies(ctx) and (sections is None or s.name in sections)
+    ]
     for number, section in enumerate(present, start=1):
         doc.heading(2, f"{number}. {section.title}")
         section.render(doc, ctx)

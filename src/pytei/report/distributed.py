@@ -1,0 +1,170 @@
+"""Report section: distributed inference with sharded tables (``pytei.distributed_study``'s trials, in
+``Context.extras["distributed"]``): AUC loss and latency per placement strategy and host fault, the
+blast radius of one faulty host, and what recovering a lost host costs."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pandas as pd
+
+from . import figures
+from .document import Doc
+from .format import table
+from .sections import Context, register
+
+__all__ = ["fault_summary", "recovery_summary"]
+
+
+def _config(config: Any) -> dict[str, Any]:
+    out: dict[str, Any] = json.loads(config) if isinstance(config, str) else dict(config or {})
+    return out
+
+
+def _strategy(trials: pd.DataFrame) -> pd.Series:
+    """``table_wise x2``: the strategy and the world size of each trial."""
+
+    def one(config: Any) -> str:
+        c = _config(config)
+        return f"{c.get('strategy', '?')} x{c.get('world_size', '?')}"
+
+    return trials["model_config"].map(one)
+
+
+def _fault(label: str) -> str:
+    """A fault without its rank: ``HostLoss(rank=1, fill=zeros)`` -> ``HostLoss(fill=zeros)``."""
+    if "(" not in label:
+        return label
+    name, args = label[:-1].split("(", 1)
+    kept = [a for a in args.split(", ") if not a.startswith("rank=")]
+    return f"{name}({', '.join(kept)})" if kept else name
+
+
+def _prepared(trials: pd.DataFrame) -> pd.DataFrame:
+    ok = trials[trials["status"] == "ok"].copy()
+    ok["strategy"] = _strategy(ok)
+    ok["fault"] = ok["error_model"].map(_fault)
+    ok["loss"] = ok["baseline_auc"] - ok["auc"]
+    return ok
+
+
+def fault_summary(trials: pd.DataFrame) -> pd.DataFrame:
+    """Per strategy and fault (no recovery), over ranks and runs: AUC loss (mean, worst), blast radius
+    (samples whose logit changed, tables on the faulty host) and latency (P50/P99 where measured)."""
+    ok = _prepared(trials)
+    ok = ok[ok["mitigation"] == "none"]
+    out = (
+        ok.groupby(["strategy", "fault"], sort=False)
+        .agg(
+            trials=("trial_id", "size"),
+            auc=("auc", "mean"),
+            loss=("loss", "mean"),
+            worst=("loss", "max"),
+            samples=("blast_samples", "mean"),
+            tables=("blast_tables", "mean"),
+            p50=("p50_ms", "mean"),
+            p99=("p99_ms", "mean"),
+        )
+        .reset_index()
+    )
+    return out
+
+
+def recovery_summary(trials: pd.DataFrame) -> pd.DataFrame:
+    """Per strategy and recovery of a lost host: storage overhead, rebuild time, whether the shards came
+    back bit for bit, and the AUC after recovery against the fault-free baseline."""
+    ok = _prepared(trials)
+    ok = ok[ok["mitigation"] != "none"]
+    return (
+        ok.groupby(["strategy", "mitigation"], sort=False)
+        .agg(
+            trials=("trial_id", "size"),
+            overhead=("storage_overhead", "mean"),
+            rebuild=("rebuild_ms", "mean"),
+            exact=("rebuilt_exactly", "mean"),
+            loss=("loss", "max"),
+            samples=("blast_samples", "mean"),
+        )
+        .reset_index()
+    )
+
+
+_FAULTS = {
+    "strategy": "strategy",
+    "fault": "fault",
+    "trials": "trials",
+    "auc": "AUC",
+    "loss": "AUC loss (mean)",
+    "worst": "AUC loss (worst rank)",
+    "samples": "samples changed",
+    "tables": "tables on the host",
+    "p50": "P50 ms",
+    "p99": "P99 ms",
+}
+_RECOVERY = {
+    "strategy": "strategy",
+    "mitigation": "recovery",
+    "trials": "trials",
+    "overhead": "storage overhead",
+    "rebuild": "rebuild ms",
+    "exact": "bit-exact share",
+    "loss": "AUC loss after (worst)",
+    "samples": "samples changed",
+}
+
+
+@register("distributed", "Distributed inference", before="definitions", extras=("distributed",))
+def _distributed(doc: Doc, ctx: Context) -> None:
+    trials = ctx.extras["distributed"]
+    ok = _prepared(trials)
+    if ok.empty:
+        doc.note("The distributed-inference study has no finished trials.")
+        return
+    world = sorted({int(_config(c)["world_size"]) for c in ok["model_config"]})
+    doc.text(
+        f"One trained model ({', '.join(sorted(set(ok['architecture'])))} on "
+        f"{', '.join(sorted(set(ok['dataset'])))}) served by {', '.join(map(str, world))} processes with "
+        "its embedding tables sharded by each strategy (TorchRec DistributedModelParallel, gloo on "
+        "loopback). 'global': BitFlip over every table, the same faults the unsharded model gets at "
+        "that seed. Host faults, one rank at a time: HostSDC (that host's share of the same faults), "
+        "HostLoss (its lookups served as zeros or each table's mean row), HostStale (its shards from an "
+        "older checkpoint), HostSlow (its lookups late: latency only). 'samples changed': share of "
+        "scored samples whose logit differs from the fault-free one; 'tables on the host': share of "
+        "tables with a shard on the faulty host. Latency: batched requests, a request done when its "
+        "slowest rank is. 'x2' / 'x4': the number of processes (hosts)."
+    )
+    faults = fault_summary(trials)
+    doc.table(table(faults, _FAULTS), "AUC loss, blast radius and latency per strategy and fault")
+    recovery = recovery_summary(trials)
+    if not recovery.empty:
+        doc.text(
+            "A lost host rebuilt before it serves: 'xor' from XOR parity of every host's raw shard bytes "
+            "kept on another host (exact), 'sum' from sum parity of the values (rounded once per "
+            "addition), 'replica' from a copy of its shards on another host. Storage overhead: the "
+            "parity (or replica) size over all shards."
+        )
+        doc.table(table(recovery, _RECOVERY), "Recovery of a lost host")
+    path = doc.figure_path("fig-distributed-auc-loss")
+    _plot(faults, path)
+    doc.image(path, "AUC loss per host fault, one bar per strategy.")
+
+
+def _plot(faults: pd.DataFrame, path: Any) -> None:
+    """Grouped bars: mean AUC loss per fault (x), one bar per strategy."""
+    shown = faults[faults["fault"] != "baseline"]
+    labels = list(dict.fromkeys(shown["fault"]))
+    strategies = list(dict.fromkeys(shown["strategy"]))
+    fig = figures.new_figure(8.0, 4.0)
+    ax = fig.add_subplot()
+    width = 0.8 / max(1, len(strategies))
+    for i, strategy in enumerate(strategies):
+        part = shown[shown["strategy"] == strategy].set_index("fault")
+        values = [float(part.loc[f, "loss"]) if f in part.index else 0.0 for f in labels]
+        ax.bar([x + i * width for x in range(len(labels))], values, width, label=strategy)
+    ax.set_xticks([x + width * (len(strategies) - 1) / 2 for x in range(len(labels))])
+    ax.set_xticklabels(labels, rotation=20, ha="right", fontsize=8)
+    ax.set_ylabel("AUC loss (fault-free - faulty)")
+    ax.axhline(0.0, color="black", linewidth=0.6)
+    ax.legend(fontsize=8)
+    figures.save(fig, path, "AUC loss of one faulty host, per placement strategy")
