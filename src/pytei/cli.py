@@ -379,13 +379,15 @@ def _cmd_campaign_export(args: argparse.Namespace, console: Console) -> None:
 
 
 def _cmd_distributed(args: argparse.Namespace, console: Console) -> None:
-    from .distributed import STRATEGIES, check_strategy
+    from .distributed import GPU_ONLY, STRATEGIES, check_strategy
     from .distributed_study import DistributedSizes, run_study
     from .outputs import check_output_dir
     from .report import write_report
     from .torchrec import require
 
-    strategies = tuple(s.strip() for s in args.strategies.split(",") if s.strip())
+    cpu = tuple(s for s in STRATEGIES if s not in GPU_ONLY)
+    text = ",".join(cpu) if args.strategies.strip() == "cpu" else args.strategies
+    strategies = tuple(s.strip() for s in text.split(",") if s.strip())
     if not strategies:
         raise CLIError(f"--strategies names no strategy; allowed: {', '.join(STRATEGIES)}")
     for s in strategies:
@@ -678,8 +680,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--db", required=True, help="SQLite results database (created, or resumed)")
     p.add_argument(
         "--strategies",
-        default="table_wise,column_wise,table_column_wise,data_parallel",
-        help="comma-separated sharding strategies (row_wise needs GPUs)",
+        default="cpu",
+        help="comma-separated sharding strategies, or 'cpu' for every one that runs on CPU "
+        "(table_wise, column_wise, table_column_wise, data_parallel; row_wise needs GPUs)",
     )
     p.add_argument("--world-sizes", default="2", help="comma-separated process counts (hosts)")
     p.add_argument("--stale", help="an older checkpoint of the same model: a stale host serves it")
