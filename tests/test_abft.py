@@ -77,15 +77,14 @@ def record(store: dict, key: str):
     return hook
 
 
+SETTINGS = (("global", "norm"), ("fused", "norm"), ("auto", "norm"), ("global", "variance"))
+
+
 @pytest.mark.parametrize(
     ("name", "scheme", "bound"),
     [
         ("dummy", "global", "norm"),  # the slowest model: the default setting only
-        *(
-            (name, scheme, bound)
-            for name in ("dlrm", "dcn")
-            for scheme, bound in (("global", "norm"), ("fused", "norm"), ("auto", "norm"), ("global", "variance"))
-        ),
+        *((name, scheme, bound) for name in ("dlrm", "dcn") for scheme, bound in SETTINGS),
     ],
 )
 def test_no_false_alarm_in_ten_thousand_clean_batches(name, scheme, bound):
