@@ -58,7 +58,6 @@ class RankState:
         ckpt = load_checkpoint(cfg["checkpoint"])
         assert ckpt.data is not None  # loaded with its data
         full = {k: v.detach() for k, v in ckpt.model.state_dict().items()}
-        self.full = full
         model = load_checkpoint(cfg["checkpoint"], with_data=False).model.eval()
         plan = sharding_plan(model, cfg["strategy"], world, "cpu", dist.GroupMember.WORLD)
         self.plan_text = str(plan)
@@ -68,6 +67,8 @@ class RankState:
         ).eval()
         self.pieces: dict[str, list[Piece]] = {}
         self.tables: set[str] = set()
+        #: Rows of each table: a fill by the table's mean or default row needs them all on this host.
+        self.table_rows = {name: int(t.shape[0]) for name, t in full.items() if t.dim() == 2}
         with torch.no_grad():
             for key, value in self.model.state_dict().items():
                 name = _logical(key)
@@ -231,13 +232,16 @@ class RankState:
                 rs, cs = p.view.shape
                 if "stale" in how:
                     p.view.copy_(how["stale"][name][p.row : p.row + rs, p.col : p.col + cs])
-                elif how["fill"] == "zeros":
+                    continue
+                if how["fill"] == "zeros":
                     p.view.zero_()
-                elif how["fill"] == "mean":
-                    mean = self.full[name][:, p.col : p.col + cs].double().mean(0)
-                    p.view.copy_(mean.to(p.view.dtype).expand(rs, cs))
+                    continue
+                if p.row != 0 or rs != self.table_rows[name]:  # row-wise shards hold some rows only
+                    raise ValueError(f"fill {how['fill']!r} needs every row of {name} on the host")
+                if how["fill"] == "mean":  # the clean pieces hold whole columns: their column means
+                    p.view.copy_(p.view.double().mean(0).to(p.view.dtype).expand(rs, cs))
                 else:  # default_row: every id reads row 0
-                    p.view.copy_(self.full[name][0, p.col : p.col + cs].expand(rs, cs))
+                    p.view.copy_(p.view[0].clone().expand(rs, cs))
 
     def _set_slow(self, slow: tuple[float, float, int] | None) -> None:
         if slow is None:
