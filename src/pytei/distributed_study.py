@@ -26,7 +26,7 @@ import hashlib
 import json
 import time
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +34,7 @@ import pandas as pd
 from rich.console import Console
 
 from .campaign.fingerprint import checkpoint_fingerprint
+from .campaign.plan import run_seed
 from .campaign.store import Store, TrialRow
 from .errors import BitFlip
 
@@ -94,7 +95,8 @@ def tasks(sizes: DistributedSizes, world_size: int, stale: bool) -> Iterator[Tas
 
 
 def _seed(run: int) -> int:
-    return int.from_bytes(hashlib.sha256(f"pytei.distributed\x1f{run}".encode()).digest()[:8], "big") >> 2
+    """The injection seed of run ``run``: the campaigns' (``run_seed``) with spec seed 0."""
+    return run_seed(0, run)
 
 
 def _trial_id(settings: dict[str, Any], where: tuple[str, int], task: Task) -> str:
@@ -272,8 +274,6 @@ def _row(
 
 
 def _with(row: TrialRow, metrics: dict[str, float], base_auc: float, n_faults: int, n: int) -> TrialRow:
-    from dataclasses import replace
-
     invalid = int(round(metrics.get("invalid_share", 0.0) * n))
     return replace(
         row,

@@ -57,8 +57,9 @@ class RankState:
         self.rank, self.world = rank, world
         ckpt = load_checkpoint(cfg["checkpoint"])
         assert ckpt.data is not None  # loaded with its data
-        full = {k: v.detach() for k, v in ckpt.model.state_dict().items()}
-        model = load_checkpoint(cfg["checkpoint"], with_data=False).model.eval()
+        # The clean tensors, kept while their slices are copied: sharding replaces the collections.
+        full = {k: v.detach().clone() for k, v in ckpt.model.state_dict().items()}
+        model = ckpt.model.eval()
         plan = sharding_plan(model, cfg["strategy"], world, "cpu", dist.GroupMember.WORLD)
         self.plan_text = str(plan)
         sharder = EmbeddingBagCollectionSharder()

@@ -147,13 +147,8 @@ def plan_table(
     for name, module in protected.items():
         handles.append(module.register_forward_hook(recorder(name), with_kwargs=True))
     for name, check in covering.items():  # composite checks read their taps' outputs
-
-        def tap_hook(module: nn.Module, args: tuple, output: Any, check: Check, tap: str) -> None:
-            check.tapped[tap] = output
-
         for tap in check.taps:
-            child = protected[name].get_submodule(tap)
-            handles.append(child.register_forward_hook(partial(tap_hook, check=check, tap=tap)))
+            handles.append(protected[name].get_submodule(tap).register_forward_hook(check.recorder(tap)))
     was_training = model.training
     model.eval()
     try:

@@ -238,7 +238,7 @@ class ABFT(Mitigation):
             for layer in self._layers:  # after every check's hook, so a tap reads the checked output
                 for tap in layer.check.taps:
                     child = protected[layer.name].get_submodule(tap)
-                    self._hooks.append(child.register_forward_hook(_recorder(layer.check, tap)))
+                    self._hooks.append(child.register_forward_hook(layer.check.recorder(tap)))
         except BaseException:
             self.detach()
             raise
@@ -453,15 +453,6 @@ def _dtype(output: Any) -> torch.dtype:
     """The dtype of a layer's output values: a tensor's, or a TorchRec KeyedTensor's ``values()``."""
     dtype: torch.dtype = output.dtype if isinstance(output, torch.Tensor) else output.values().dtype
     return dtype
-
-
-def _recorder(check: Check, tap: str):
-    """A forward hook that hands ``check`` the output of its tap ``tap``."""
-
-    def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
-        check.tapped[tap] = output
-
-    return hook
 
 
 def _minus_scaled(size: torch.Tensor, m: torch.Tensor, tau: torch.Tensor | float) -> torch.Tensor:

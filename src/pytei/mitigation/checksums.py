@@ -162,25 +162,34 @@ class Check(ABC):
         """``residual`` of a fused call, from the augmented output its kernel call left in ``pending``."""
         raise NotImplementedError(type(self).__name__)
 
-    def _fused_sums(self, output: torch.Tensor, ones: torch.Tensor, check: int) -> torch.Tensor:
-        """Per row, the output's sum minus its expected sum (column ``check`` of ``pending``): one GEMV
-        of the augmented output with ``ones`` (1 per value, -1 at ``check``, 0 elsewhere) when
-        ``output`` is still its part of it (an earlier hook may have replaced it: activation faults)."""
+    def _fused_sums(self, output: torch.Tensor) -> torch.Tensor:
+        """Per row, the output's sum minus its expected sum (column ``width`` of ``pending``): one GEMV
+        of the augmented output with ``_v`` when ``output`` is still its part of it (an earlier hook
+        may have replaced it: activation faults)."""
         ye = self.pending
         assert ye is not None  # set by the fused forward that produced ``output``
         part = ye[..., : self.width]
         same = output.shape == part.shape and output.stride() == part.stride()
         if same and output.data_ptr() == part.data_ptr():
-            return torch.mv(ye.detach().reshape(-1, ye.shape[-1]), ones)
-        expected = self.cast(ye.detach()[..., check].reshape(-1))
+            return torch.mv(ye.detach().reshape(-1, ye.shape[-1]), self._v)
+        expected = self.cast(ye.detach()[..., self.width].reshape(-1))
         return self.minus(self.values(output.detach()), expected)
 
-    def _ones(self, extra: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-        """``[1] * width + [-1] + [0] * (extra - 1)``: the GEMV vector of ``_fused_sums``."""
-        v = torch.zeros(self.width + extra, dtype=dtype, device=device)
+    def _set_ones(self, extra: int, like: torch.Tensor) -> None:
+        """``_v = [1] * width + [-1] + [0] * (extra - 1)`` (``like``'s dtype and device): the GEMV
+        vector of ``_fused_sums`` over an output augmented by ``extra`` columns."""
+        v = torch.zeros(self.width + extra, dtype=like.dtype, device=like.device)
         v[: self.width] = 1
         v[self.width] = -1
-        return v
+        self._v = v
+
+    def recorder(self, tap: str) -> Callable[..., None]:
+        """A forward hook for child ``tap`` that hands its output to this check (``tapped``)."""
+
+        def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
+            self.tapped[tap] = output
+
+        return hook
 
     def values(self, output: Any) -> torch.Tensor:
         """The output as ``[rows, width]`` (the rows a re-execution replaces)."""
@@ -365,7 +374,7 @@ class LinearCheck(Check):
         if linear.bias is not None:
             swaps.append(("bias", bext[:out]))
 
-        self._v = self._ones(1, w.device, w.dtype)
+        self._set_ones(1, w)
 
         def forward(x: torch.Tensor) -> torch.Tensor:
             ye = F.linear(x, wext, bext)
@@ -375,7 +384,7 @@ class LinearCheck(Check):
         self._install(module, swaps, forward)
 
     def fused_residual(self, args: tuple, kwargs: dict, output: Any) -> tuple[torch.Tensor, torch.Tensor]:
-        return self._fused_sums(output, self._v, self.width), self._scale(self._input(args, kwargs))
+        return self._fused_sums(output), self._scale(self._input(args, kwargs))
 
 
 def _lookup_cost(idx: torch.Tensor, bags: int, width: int, dtype: torch.dtype) -> Cost:
@@ -422,7 +431,7 @@ class EmbeddingCheck(Check):
         width = self.width
         emb: nn.Embedding = module  # type: ignore[assignment]
 
-        self._v = self._ones(2, ext.device, ext.dtype)
+        self._set_ones(2, ext)
 
         def forward(input: torch.Tensor) -> torch.Tensor:
             ye = F.embedding(input, ext, emb.padding_idx, None, 2.0, emb.scale_grad_by_freq, emb.sparse)
@@ -435,7 +444,7 @@ class EmbeddingCheck(Check):
         """The residual by one GEMV of the augmented output, ``m`` its pooled absolute-sum column."""
         assert self.pending is not None
         m = self.cast(self.pending.detach()[..., self.width + 1].reshape(-1))
-        return self._fused_sums(output, self._v, self.width), m
+        return self._fused_sums(output), m
 
     def terms(self, args: tuple, kwargs: dict) -> torch.Tensor | float:
         return self.n
@@ -512,7 +521,7 @@ class BagCheck(EmbeddingCheck):
             self.pending = ye
             return ye[:, :width]
 
-        self._v = self._ones(2, ext.device, ext.dtype)
+        self._set_ones(2, ext)
         self._install(module, [("weight", ext[:, :width])], forward)
 
     def fused_residual(self, args: tuple, kwargs: dict, output: Any) -> tuple[torch.Tensor, torch.Tensor]:
