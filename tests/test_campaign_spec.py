@@ -566,3 +566,144 @@ def test_bounded_targets_are_planned_with_the_indices_site_only(tmp_path):
     no_indices = variant('sites = ["weights", "indices"]', 'sites = ["weights"]', text)
     with pytest.raises(SpecError, match=r'needs "indices" in sites'):
         parse_spec(no_indices, tmp_path)
+
+
+# --- sharded models and host faults (pytei.distributed) ---------------------------------------------
+
+SHARDED = """
+name = "s"
+runs = 3
+targets = ["embedding"]
+mitigations = ["none", "clip"]
+host_faults = [
+    "HostSDC",
+    { name = "HostLoss", fill = "mean" },
+    { name = "HostLoss", recover = "xor", group = 2, ranks = [1, 3] },
+    { name = "HostSlow", delay_ms = 5 },
+]
+
+[[models]]
+sharded = "ckpt"
+strategies = ["table_wise", "data_parallel"]
+world_sizes = [2, 4]
+
+[[models]]
+checkpoint = "plain"
+
+[errors]
+model = "BitFlip"
+rates = [1e-4, 1e-3]
+"""
+
+
+def test_a_sharded_model_is_one_model_per_strategy_and_world_with_its_host_faults(tmp_path):
+    from pytei.campaign.plan import count_trials, fault_label
+
+    spec = parse_spec(SHARDED, tmp_path)
+    sharded = [k for k in spec.model_specs() if k.startswith("sharded:")]
+    ckpt = tmp_path / "ckpt"
+    assert sharded == [f"sharded:{ckpt}:{s} x{w}" for w in (2, 4) for s in ("table_wise", "data_parallel")]
+    trials = plan(spec)
+    assert len(trials) == count_trials(spec) == len({t.trial_id for t in trials})
+    by_model = {k: [t for t in trials if t.model == k] for k in spec.model_specs()}
+    # a plain checkpoint: 2 rates x 3 runs x 2 mitigations; no host faults
+    assert len(by_model[f"ckpt:{tmp_path / 'plain'}"]) == 12
+    for key in sharded:
+        world = spec.model_specs()[key]["world_size"]
+        mine = by_model[key]
+        glob_ = [t for t in mine if t.site == "weights"]
+        assert len(glob_) == 2 * 3 and {t.mitigation for t in glob_} == {"none"}  # no clip on ranks
+        host = [t for t in mine if t.site == "host"]
+        sdc = [t for t in host if t.error["model"] == "HostSDC"]
+        assert len(sdc) == world * 2 * 3  # every rank, rate and run
+        assert {json.dumps(t.error["error"], sort_keys=True) for t in sdc} == {
+            json.dumps(g.error, sort_keys=True) for g in glob_
+        }  # the same error points as the global trials, so a host's faults are a subset of theirs
+        assert {(t.run, t.seed) for t in sdc} == {(t.run, t.seed) for t in glob_}  # common seeds
+        loss = [t for t in host if t.error["model"] == "HostLoss"]
+        mean = [t for t in loss if t.mitigation == "none"]
+        assert [(t.error["rank"], t.run, t.rate) for t in mean] == [(r, 0, 0.0) for r in range(world)]
+        parity = [t for t in loss if t.mitigation == "xor/g2"]
+        assert [t.error["rank"] for t in parity] == [r for r in (1, 3) if r < world]
+        slow = [t for t in host if t.error["model"] == "HostSlow"]
+        assert len(slow) == world * 3  # latency samples: every run
+        assert fault_label(mean[0].error) == "HostLoss(rank=0, fill=mean)"
+        assert fault_label(slow[0].error) == "HostSlow(rank=0, delay_ms=5, jitter_ms=0)"
+        assert {t.target for t in host} == {"embedding"}
+
+
+def test_a_stale_host_reads_a_checkpoint_relative_to_the_spec(tmp_path):
+    (tmp_path / "old").mkdir()
+    text = variant(
+        '    { name = "HostSlow", delay_ms = 5 },', '    { name = "HostStale", checkpoint = "old" },', SHARDED
+    )
+    spec = parse_spec(text, tmp_path)
+    assert spec.host_checkpoints() == [str(tmp_path / "old")]
+    stale = [t for t in plan(spec) if t.error["model"] == "HostStale"]
+    assert stale and {t.error["checkpoint"] for t in stale} == {str(tmp_path / "old")}
+    assert spec.hash != parse_spec(SHARDED, tmp_path).hash
+
+
+HOSTS = '    { name = "HostSlow", delay_ms = 5 },'
+BAD_SHARDED = [
+    (HOSTS, '    "HostBogus",', "host_faults[3].name", ["one of HostLoss, HostSDC, HostSlow, HostStale"]),
+    (HOSTS, '    { name = "HostLoss", fill = "bogus" },', "host_faults[3]", ["fill 'bogus'", "zeros, mean"]),
+    (
+        HOSTS,
+        '    { name = "HostLoss", colour = 1 },',
+        "host_faults[3].colour",
+        ["no option 'colour'", "fill"],
+    ),
+    (HOSTS, '    { name = "HostSlow" },', "host_faults[3]", ["HostSlow", "delay_ms"]),
+    (HOSTS, '    { name = "HostSlow", delay_ms = -1 },', "host_faults[3]", ["milliseconds in [0, 60000)"]),
+    (
+        HOSTS,
+        '    { name = "HostStale", checkpoint = "nowhere" },',
+        "host_faults[3]",
+        ["not a checkpoint folder"],
+    ),
+    (HOSTS, '    { name = "HostLoss", recover = "xor", group = 1 },', "host_faults[3]", ["int >= 2"]),
+    (HOSTS, '    { name = "HostLoss", group = 2 },', "host_faults[3]", ["needs recover='xor' or 'sum'"]),
+    (
+        HOSTS,
+        '    { name = "HostSlow", delay_ms = 5, ranks = [4] },',
+        "host_faults[3].ranks",
+        ["sizes up to 4"],
+    ),
+    ('"data_parallel"]', '"row_wise"]', "models[0].strategies[1]", ["'row_wise' needs GPUs"]),
+    (
+        '"data_parallel"]',
+        '"diagonal"]',
+        "models[0].strategies[1]",
+        ["unknown sharding strategy", "table_wise"],
+    ),
+    ("world_sizes = [2, 4]", "world_sizes = [0]", "models[0].world_sizes[0]", ["int in 1..64"]),
+    ("world_sizes = [2, 4]", "latency = { batch = 0 }", "models[0].latency.batch", [">= 1"]),
+    ("world_sizes = [2, 4]", "hosts = 2", "models[0].hosts", ["allowed: sharded, strategies"]),
+    ("[errors]", '[data]\nsplit = "valid"\n[errors]', "data.split", ["models[0] is sharded", "test split"]),
+]
+
+
+@pytest.mark.parametrize(
+    "old, new, path, words", BAD_SHARDED, ids=[f"{b[2]}-{i}" for i, b in enumerate(BAD_SHARDED)]
+)
+def test_bad_host_faults_and_sharded_models_are_rejected_naming_the_key(tmp_path, old, new, path, words):
+    with pytest.raises(SpecError) as info:
+        parse_spec(variant(old, new, SHARDED), tmp_path)
+    assert info.value.path == path
+    for word in words:
+        assert word in str(info.value)
+
+
+def test_host_faults_need_a_sharded_model_and_a_sharded_model_needs_trials(tmp_path):
+    with pytest.raises(SpecError, match="^host_faults: host faults need a sharded model"):
+        parse_spec(
+            BASE.replace('metrics = ["auc", "rmse"]', 'metrics = ["auc", "rmse"]\nhost_faults = ["HostSDC"]')
+        )
+    alone = (
+        SHARDED.split("host_faults")[0]
+        + "\n[[models]]\nsharded = 'ckpt'\n[errors]\nmodel = 'BitFlip'\nrates = [1e-3]\n"
+    )
+    parse_spec(alone, tmp_path)  # global trials only: fine
+    with pytest.raises(SpecError, match=r"^models\[0\]: a sharded model .* would get no trial"):
+        parse_spec(alone.replace('mitigations = ["none", "clip"]', 'mitigations = ["clip"]'), tmp_path)

@@ -4,6 +4,7 @@ outlives its group or its parent. Two ranks on loopback (gloo), a small trained 
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -249,44 +250,48 @@ def test_ranks_die_with_their_parent(checkpoints, tmp_path):
 
 
 def test_the_study_stores_each_trial_once_and_survives_a_killed_rank(checkpoints, tmp_path, monkeypatch):
-    """A rank killed mid-trial fails that trial (one line naming the rank), the rest run on a fresh
-    group, a rerun runs nothing again, and the report's section reads the stored trials."""
+    """The study is a campaign: a rank killed mid-trial fails that trial (one line naming the rank), the
+    rest run on a fresh group, a rerun runs nothing again, and the report's section reads the trials."""
     from pytei import distributed_study as study
+    from pytei.campaign import sharded
     from pytei.report import write_report
 
     sizes = study.DistributedSizes(
         strategies=("table_wise",), world_sizes=(2,), runs=1, fills=("zeros",), recoveries=("xor",),
         test_rows=200, batch_size=BATCH, latency_requests=3,
     )  # fmt: skip
-    planned = list(study.tasks(sizes, 2, stale=True))
-    measure = study._measure
+    # per rank: HostSDC, HostLoss(zeros), HostLoss(xor), HostStale, HostSlow; and the global point
+    planned = 1 + 2 * 5
+    run = sharded.ShardedRunner._run
     calls = {"n": 0}
 
-    def killing(group, task, *args):
+    def killing(self, trial, started):
         calls["n"] += 1
         if calls["n"] == 3:  # the third trial: one rank dies while it runs
-            os.kill(group.pids[1], signal.SIGKILL)
+            os.kill(self.group.pids[1], signal.SIGKILL)
             time.sleep(0.5)
-        return measure(group, task, *args)
+        return run(self, trial, started)
 
-    monkeypatch.setattr(study, "_measure", killing)
+    monkeypatch.setattr(sharded.ShardedRunner, "_run", killing)
     db = tmp_path / "dist.db"
     first = study.run_study(checkpoints[0], db, sizes, stale=checkpoints[1])
-    assert len(first) == len(planned) == first["trial_id"].nunique()
+    assert len(first) == planned == first["trial_id"].nunique()
     failed = first[first["status"] == "failed"]
     assert len(failed) == 1
     assert "rank 1 of 2 (table_wise) died (exit code -9)" in failed["error_message"].iloc[0]
     ok = first[first["status"] == "ok"]
     assert ok["baseline_auc"].nunique() == 1 and ok["auc"].notna().all()  # one fault-free model
+    assert set(ok["model_label"]) == {"dlrm-torchrec table_wise x2"}
     recovered = ok[ok["mitigation"] == "xor"]
     assert (recovered["rebuilt_exactly"] == 1).all() and (recovered["auc"] == recovered["baseline_auc"]).all()
     slow = ok[ok["error_model"].str.startswith("HostSlow")]
-    assert (slow["p50_ms"] >= sizes.slow_ms).all()
+    assert (slow["p50_ms"] >= sizes.slow_ms).all() and (slow["blast_samples"] == 0).all()
     again = study.run_study(checkpoints[0], db, sizes, stale=checkpoints[1])
     assert sorted(again["trial_id"]) == sorted(first["trial_id"])  # nothing run twice, nothing lost
     md = write_report(again, tmp_path / "report", extras={"distributed": again}, sections=("distributed",))
     text = md.read_text()
     assert "## 1. Distributed inference" in text and "| table_wise x2 | HostLoss(fill=zeros) |" in text
+    assert "| table_wise x2 | none | - | " in text  # the fault-free row, with its latency
     assert "| table_wise x2 | xor | 2 | " in text
     assert (tmp_path / "report" / "fig-distributed-auc-loss.png").is_file()
 
@@ -308,3 +313,56 @@ def test_the_cli_refuses_bad_options_in_one_line(checkpoints, tmp_path, capsys, 
     err = capsys.readouterr().err
     assert code == 2 and err.startswith(message) and err.count("\n") == 1
     assert not (tmp_path / "x.db").exists()  # refused before anything was written
+
+
+def test_a_campaign_spec_runs_a_sharded_model_with_parity_groups_from_the_cli(checkpoints, tmp_path, capsys):
+    """``pytei campaign run`` on a spec with a sharded model (4 hosts) and host faults; ECRM parity groups
+    of 2 rebuild a lost host exactly with half the parity storage of one group; ``pytei report`` gives the
+    distributed section; a second run runs nothing."""
+    from pytei.cli import main
+    from pytei.results import load
+
+    spec = tmp_path / "spec.toml"
+    spec.write_text(
+        textwrap.dedent(f"""
+        name = "sharded"
+        runs = 1
+        targets = ["embedding"]
+        metrics = ["auc"]
+        host_faults = [
+            {{ name = "HostLoss", recover = "xor", ranks = [2] }},
+            {{ name = "HostLoss", recover = "xor", group = 2, ranks = [2] }},
+            {{ name = "HostLoss", fill = "default_row", ranks = [3] }},
+        ]
+        [[models]]
+        sharded = {json.dumps(str(checkpoints[0]))}
+        strategies = ["table_wise"]
+        world_sizes = [4]
+        batch_size = {BATCH}
+        latency = {{ batch = 16, requests = 2 }}
+        [data]
+        max_rows = 128
+        [errors]
+        model = "BitFlip"
+        rates = [{RATE}]
+        """)
+    )
+    db = tmp_path / "s.db"
+    assert main(["campaign", "run", str(spec), "--db", str(db)]) == 0
+    rows = load(db).set_index("mitigation")
+    assert len(rows) == 4 and (rows["status"] == "ok").all()
+    assert rows.loc["xor", "rebuilt_exactly"] == rows.loc["xor/g2", "rebuilt_exactly"] == 1
+    assert rows.loc["xor", "auc"] == rows.loc["xor/g2", "auc"] == rows.loc["xor", "baseline_auc"]
+    # one block (the group's largest) per 2 hosts instead of one for all 4: more storage, at most twice
+    one, two = rows.loc["xor", "storage_overhead"], rows.loc["xor/g2", "storage_overhead"]
+    assert one < two <= 2 * one
+    assert set(rows["model_label"]) == {"dlrm-torchrec table_wise x4"}
+    lost = load(db)
+    lost = lost[lost["error_model"] == "HostLoss(rank=3, fill=default_row)"]
+    assert len(lost) == 1 and lost["blast_tables"].iloc[0] == 0.25
+    assert main(["campaign", "run", str(spec), "--db", str(db)]) == 0
+    assert "0 trials run now, 4 already stored" in "".join(capsys.readouterr())
+    assert main(["report", str(db), "--out", str(tmp_path / "report")]) == 0
+    text = (tmp_path / "report" / "report.md").read_text()
+    assert "Distributed inference" in text and "| table_wise x4 | xor/g2 | 1 |" in text
+    assert "HostLoss" not in text.split("Distributed inference")[0]  # host trials: that section only

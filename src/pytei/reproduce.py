@@ -101,9 +101,7 @@ PRESETS = {
         train=TrainConfig(),
         synthetic_rows=200_000,
         sensitivity_ber=1e-3,
-        quantization=QuantizationSizes(
-            bers=(1e-7, 1e-2), per_decade=2, runs=10, test_rows=0, blast_rows=64
-        ),
+        quantization=QuantizationSizes(bers=(1e-7, 1e-2), per_decade=2, runs=10, test_rows=0, blast_rows=64),
     ),
 }
 

@@ -42,6 +42,7 @@ TOP_KEYS = (
     "mitigations",
     "metrics",
     "plugins",
+    "host_faults",
 )
 REQUIRED = object()
 

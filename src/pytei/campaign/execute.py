@@ -34,9 +34,10 @@ from .._process import die_with_parent
 from .._registry import Registry
 from ..exceptions import PyteiError
 from ..progress import progress_bar
+from . import sharded as _sharded  # noqa: F401 - registers the runner of sharded models
 from .fingerprint import fingerprints
 from .plan import Trial, count_trials, iter_plan
-from .runner import ModelRunner, failed_row, load_evaluation, parameter_names
+from .runner import TrialRunner, failed_row, make_runner, parameter_names
 from .spec import Spec, parse_spec
 from .store import DuplicateTrial, Store, StoreError, TrialRow
 
@@ -108,25 +109,33 @@ class _Worker:
 
     def __init__(self, plugin_modules: Sequence[str] = ()) -> None:
         plugin_loader.load(plugin_modules)
-        self.runner: ModelRunner | None = None
+        self.runner: TrialRunner | None = None
         self._broken: tuple[str, BaseException] | None = None
 
     def run_chunk(self, chunk: list[Trial]) -> list[TrialRow]:
         key = chunk[0].model
         if self._broken is not None and self._broken[0] == key:
             return [failed_row(t, time.time(), self._broken[1]) for t in chunk]
-        if self.runner is None or self.runner.ev.key != key:
+        if self.runner is None or self.runner.key != key:
             if self.runner is not None:
-                self.runner.verify()
-                self.runner = None
+                self.close()
             started = time.time()
             try:
-                self.runner = ModelRunner(load_evaluation(chunk[0]))
+                self.runner = make_runner(chunk[0])
             except Exception as err:  # recorded per trial: one bad model must not end a campaign
                 self._broken = (key, err)
                 return [failed_row(t, started, err) for t in chunk]
             self._broken = None
         return [self.runner.run(t) for t in chunk]
+
+    def close(self) -> None:
+        """Verify the runner's model is clean and release it (a sharded model's ranks stop)."""
+        runner, self.runner = self.runner, None
+        if runner is not None:
+            try:
+                runner.verify()
+            finally:
+                runner.close()
 
 
 class InProcess:
@@ -142,7 +151,9 @@ class InProcess:
             self.worker.runner.verify()
 
     def close(self) -> None:
-        self.worker.runner = None
+        runner, self.worker.runner = self.worker.runner, None
+        if runner is not None:
+            runner.close()
 
 
 _PROCESS_WORKER: _Worker | None = None
@@ -431,7 +442,7 @@ def run_campaign(
             spec.name,
             n_planned,
             base_dir=str(Path(base_dir).resolve()),
-            fingerprints=fingerprints(model_specs),
+            fingerprints=fingerprints(model_specs, spec.host_checkpoints()),
         )
         owner = store.join()
         beating = store.heartbeat(owner)

@@ -9,7 +9,7 @@ compared on every later run or resume (:meth:`pytei.campaign.store.Store.attach_
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 from ..checkpoint import META, WEIGHTS
@@ -36,11 +36,12 @@ def checkpoint_fingerprint(directory: str | Path) -> str | None:
     return digest.hexdigest() if found else None
 
 
-def fingerprints(model_specs: Mapping[str, Mapping]) -> dict[str, str]:
-    """``{checkpoint path: fingerprint}`` of the checkpoints among a plan's model specs."""
+def fingerprints(model_specs: Mapping[str, Mapping], others: Iterable[str] = ()) -> dict[str, str]:
+    """``{checkpoint path: fingerprint}`` of the checkpoints among a plan's model specs (trained or
+    sharded) and of ``others`` (a stale host's checkpoint)."""
     out = {}
-    for model_spec in model_specs.values():
-        where = model_spec.get("checkpoint")
+    paths = [m.get("checkpoint", m.get("sharded")) for m in model_specs.values()]
+    for where in [*paths, *others]:
         if isinstance(where, str):
             digest = checkpoint_fingerprint(where)
             if digest is not None:

@@ -7,6 +7,11 @@ is already done whatever the order or the machine, and the same spec always give
 Order: model, target, site, error point, run, mitigation. Grouping by model lets a worker load
 each model once; mitigations are innermost so the paired trials of one run are adjacent.
 
+A sharded model (``pytei.distributed``) gets the error points at the ``weights`` site with the
+mitigation ``none`` only, then its host faults (site ``host``): each registered fault on each rank,
+HostSDC-like faults at every error point, random ones for every run, the others once. A host
+trial's ``mitigation`` is the fault's recovery (``none``, ``xor``, ``xor/g2``, ``replica``).
+
 Seeds depend on the spec seed and the run only (common random numbers): at run ``r`` every
 model, target, rate and mitigation uses the same seed. As the injector derives each tensor's
 faults from (seed, tensor name), mitigations face identical faults and a sub-selection's faults
@@ -23,12 +28,31 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .. import metrics as metric_registry
+from ..distributed.faults import host_faults
 from ..errors import ErrorModel
 from .sources import source_for
-from .spec import PER_PARAMETER, MitigationChoice, Spec, canonical_json, make_error
+from .spec import PER_PARAMETER, HostFaultChoice, MitigationChoice, Spec, canonical_json, make_error
 from .store import KINDS
 
-__all__ = ["KINDS", "Point", "Trial", "build_error", "count_trials", "iter_plan", "plan", "run_seed"]
+__all__ = [
+    "HOST_SITE",
+    "HOST_TARGET",
+    "KINDS",
+    "Point",
+    "Trial",
+    "build_error",
+    "count_trials",
+    "fault_label",
+    "iter_plan",
+    "plan",
+    "recovery",
+    "run_seed",
+]
+
+#: The site of host-fault trials (faults of one host of a sharded model).
+HOST_SITE = "host"
+#: The target of host-fault trials: the tables (host faults act on the shards a host holds).
+HOST_TARGET = ("embedding", {"target": "embedding", "params": "all", "include": None, "exclude": None})
 
 
 @dataclass(frozen=True)
@@ -162,9 +186,65 @@ def _n_runs(spec: Spec, runs: int | None) -> int:
     return n_runs
 
 
-def _site_mitigations(spec: Spec, site: str) -> list[MitigationChoice]:
-    """The mitigations planned with ``site`` (memory-side ones do nothing to activation or index faults)."""
+def _sharded(model_spec: dict) -> bool:
+    return "sharded" in model_spec
+
+
+def _site_mitigations(spec: Spec, site: str, model_spec: dict) -> list[MitigationChoice]:
+    """The mitigations planned with ``site`` (memory-side ones do nothing to activation or index faults;
+    a sharded model is run without mitigations, at the weights site only)."""
+    if _sharded(model_spec):
+        return (
+            [m for m in spec.mitigations if m.name == "none" and not m.options] if site == "weights" else []
+        )
     return [m for m in spec.mitigations if not (site != "weights" and m.memory)]
+
+
+def _host_points(spec: Spec, model_spec: dict) -> Iterator[tuple[HostFaultChoice, int, list, bool]]:
+    """``(host fault, rank, its error points (None: takes no error), random)`` of a sharded model."""
+    for choice in spec.host_faults:
+        cls = host_faults.get(choice.name)
+        points: list = spec.errors.points() if cls.takes_error else [(0.0, None)]
+        for rank in choice.ranks_in(int(model_spec["world_size"])):
+            yield choice, rank, points, cls.random
+
+
+def _host_trials(
+    spec: Spec, model: str, model_spec: dict, label: str | None, metrics: tuple[str, ...], seeds: list[int]
+) -> Iterator[Trial]:
+    """The host-fault trials of a sharded model (site ``host``), fault by fault, rank by rank."""
+    target, target_spec = HOST_TARGET
+    none = MitigationChoice("none")
+    for choice, rank, points, random in _host_points(spec, model_spec):
+        runs = list(enumerate(seeds)) if random else [(0, seeds[0])]
+        for (rate, error), (run, seed) in itertools.product(points, runs):
+            fault = choice.fault_dict(rank, error)
+            yield _make_trial(
+                none,
+                "component",
+                label,
+                model=model,
+                model_spec=model_spec,
+                target=target,
+                target_spec=target_spec,
+                site=HOST_SITE,
+                error=fault,
+                rate=rate,
+                run=run,
+                seed=seed,
+                mitigation=recovery(fault),
+                metrics=metrics,
+            )
+
+
+def fault_label(fault: Mapping[str, Any]) -> str:
+    """How results name a host fault (``HostLoss(rank=1, fill=zeros)``: ``HostFault.label``)."""
+    return host_faults.get(str(fault["model"])).label_of(fault)
+
+
+def recovery(fault: Mapping[str, Any]) -> str:
+    """How results name a host fault's recovery (``HostFault.recovery``: ``none``, ``xor``, ``xor/g2``)."""
+    return host_faults.get(str(fault["model"])).recovery_of(fault)
 
 
 def _site_targets(targets: list[tuple[str, dict, bool]], site: str) -> list[tuple[str, dict, bool]]:
@@ -181,14 +261,16 @@ def count_trials(
     n_runs = _n_runs(spec, runs)
     n_points = len(spec.errors.rates) * len(spec.errors.bit_sets)
     total = 0
-    for model in spec.model_specs():
+    for model, model_spec in spec.model_specs().items():
         if any(t.per_parameter for t in spec.targets):
             targets = _targets(spec, model, parameter_names)
         else:
             targets = [(t.name, t.selection(), False) for t in spec.targets]
         for site in spec.sites:
             n_targets = len(_site_targets(targets, site))
-            total += n_targets * len(_site_mitigations(spec, site)) * n_points * n_runs
+            total += n_targets * len(_site_mitigations(spec, site, model_spec)) * n_points * n_runs
+        if _sharded(model_spec):
+            total += sum(len(p) * (n_runs if r else 1) for _, _, p, r in _host_points(spec, model_spec))
     return total
 
 
@@ -213,7 +295,7 @@ def iter_plan(
             for site in spec.sites:
                 if not _site_targets([(target, target_spec, per_parameter)], site):
                     continue
-                mitigations = _site_mitigations(spec, site)
+                mitigations = _site_mitigations(spec, site, model_spec)
                 for (rate, error), (run, seed), m in itertools.product(points, enumerate(seeds), mitigations):
                     yield _make_trial(
                         m,
@@ -231,3 +313,5 @@ def iter_plan(
                         mitigation=m.label,
                         metrics=metrics,
                     )
+        if _sharded(model_spec):
+            yield from _host_trials(spec, model, model_spec, labels.get(model), metrics, seeds)

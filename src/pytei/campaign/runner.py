@@ -7,6 +7,10 @@ nodes downstream of what it changed (faulted weights, modules hooked for activat
 for the batches (or, for embedding rows, the samples) that read a faulted value. Outputs are
 bit-identical to a full evaluation; the path taken (clean / rows / samples / subgraph / full) is
 recorded per trial. Scores are updated incrementally where only some outputs changed (AUC).
+
+Models of other sources may run their trials elsewhere: ``runners`` maps a model source's key to the
+factory of its ``TrialRunner`` (``sharded``: the ranks of ``pytei.distributed``); the others get a
+``ModelRunner``.
 """
 
 from __future__ import annotations
@@ -17,18 +21,19 @@ import socket
 import time
 import traceback
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from torch import nn
 
 from .. import metrics
+from .._registry import Registry
 from ..errors import ErrorModel, Faults
 from ..incremental import IncrementalEvaluator
 from ..injector import InjectionReport, Injector, Protection, parameter_digest
 from ..mitigation import Mitigation, mitigate
 from ..mitigation import register as mitigations
-from .plan import Trial, build_error
+from .plan import HOST_SITE, Trial, build_error, fault_label
 from .sources import Evaluation, source_for
 from .store import TrialRow
 
@@ -36,10 +41,14 @@ __all__ = [
     "VERIFY_EVERY",
     "Evaluation",
     "ModelRunner",
+    "TrialRunner",
     "build_model",
     "failed_row",
     "load_evaluation",
+    "make_runner",
     "parameter_names",
+    "runners",
+    "trial_row",
 ]
 
 #: Check the parameters' digest against the clean one every this many trials (restore drift guard).
@@ -47,6 +56,39 @@ VERIFY_EVERY = 50
 _EVAL_BATCH = 2048
 #: Score keys that are counts (stored as columns, not metrics).
 _COUNTS = ("n", "n_invalid")
+
+
+class TrialRunner(Protocol):
+    """Runs the trials of one model (``key``), loaded once: a row per trial, failures included."""
+
+    key: str
+
+    def run(self, trial: Trial) -> TrialRow: ...
+
+    def verify(self) -> None:
+        """Raise if the model is not in its clean state (restore drift)."""
+
+    def close(self) -> None:
+        """Release what it holds (processes, memory)."""
+
+
+#: ``TrialRunner`` factories (``factory(first trial)``) by model source key; ``ModelRunner`` otherwise.
+runners: Registry[Callable[[Trial], TrialRunner]] = Registry("trial runner")
+
+
+def make_runner(trial: Trial) -> TrialRunner:
+    """The runner of ``trial``'s model: its source's registered factory, else a ``ModelRunner``."""
+    for key in runners.names():
+        if key in trial.model_spec:
+            return runners.get(key)(trial)
+    return ModelRunner(load_evaluation(trial))
+
+
+class _Described(Protocol):
+    """What a row says of a loaded model: its architecture label and data set."""
+
+    label: str
+    dataset: str
 
 
 def build_model(model_spec: dict) -> nn.Module:
@@ -76,6 +118,7 @@ class ModelRunner:
         """``fast=False`` evaluates every trial in full (the reference the fast paths must equal);
         ``cache_budget`` bounds the incremental evaluator's cache (bytes; default: its own)."""
         self.ev = evaluation
+        self.key = evaluation.key
         self.fast = fast
         self.model = evaluation.model
         self.digest = parameter_digest(self.model)
@@ -198,6 +241,9 @@ class ModelRunner:
             self.verify()
         return row
 
+    def close(self) -> None:
+        """Nothing to release but memory (the caller drops this runner)."""
+
     def verify(self) -> None:
         """Fail loudly if restore ever left the parameters different from the clean model."""
         self.trials_since_check = 0
@@ -232,7 +278,7 @@ class ModelRunner:
             extra.update({k: v for k, v in mit.stats.items() if not isinstance(v, dict)})
         values = {k: v for k, v in got.items() if k not in _COUNTS}
         values.update({f"baseline_{k}": v for k, v in base.items() if k not in (*_COUNTS, "invalid_frac")})
-        return _row(
+        return trial_row(
             trial,
             started,
             self.ev,
@@ -245,10 +291,10 @@ class ModelRunner:
         )
 
 
-def failed_row(trial: Trial, started: float, err: BaseException, ev: Evaluation | None = None) -> TrialRow:
+def failed_row(trial: Trial, started: float, err: BaseException, ev: _Described | None = None) -> TrialRow:
     """The row of a trial that raised ``err`` (also of every trial of a model that failed to load):
     a one-line ``error_message`` and the full ``traceback``."""
-    return _row(
+    return trial_row(
         trial,
         started,
         ev,
@@ -258,7 +304,9 @@ def failed_row(trial: Trial, started: float, err: BaseException, ev: Evaluation 
     )
 
 
-def _row(trial: Trial, started: float, ev: Evaluation | None, **values: Any) -> TrialRow:
+def trial_row(trial: Trial, started: float, ev: _Described | None, **values: Any) -> TrialRow:
+    """The stored row of ``trial`` (started at ``started``, finished now) on the model ``ev`` describes
+    (None: not loaded), with ``values`` (status, metrics, counts, ...)."""
     finished = time.time()
     error = trial.error
     source = source_for(trial.model_spec)
@@ -274,7 +322,7 @@ def _row(trial: Trial, started: float, ev: Evaluation | None, **values: Any) -> 
         site=trial.site,
         kind=trial.kind,
         model_config=source.config(trial.model_spec),
-        error_model=error["model"],
+        error_model=fault_label(trial.error) if trial.site == HOST_SITE else error["model"],
         rate=float(trial.rate),
         bits=error.get("bits"),
         run=trial.run,

@@ -2,8 +2,10 @@
 
 A ``[[models]]`` entry of a spec names its source by the key it has: ``checkpoint = "dir"`` (a model
 trained by ``pytei train``, scored against its data set's labels), ``dummy = { ... }`` (the paper's
-untrained dummy model over a grid of hyper-parameters, synthetic inputs) or ``model = "name"`` (any
-model registered with ``pytei.models.register``, e.g. in a plugin, on synthetic inputs). A source
+untrained dummy model over a grid of hyper-parameters, synthetic inputs), ``model = "name"`` (any
+model registered with ``pytei.models.register``, e.g. in a plugin, on synthetic inputs) or
+``sharded = "dir"`` (a trained TorchRec model served with its tables sharded over several processes,
+one model per placement strategy and world size: ``pytei.distributed``). A source
 parses its entry into a frozen dataclass that expands into ``{model key: model spec}`` (plain JSON
 that trials carry and hash) and, in a worker, builds the model and the rows it is scored on.
 """
@@ -36,6 +38,7 @@ __all__ = [
     "ModelEntry",
     "ModelSource",
     "RegisteredModel",
+    "ShardedModel",
     "source_for",
     "sources",
 ]
@@ -394,6 +397,91 @@ def _table(value: Any, path: str) -> dict:
     return value
 
 
+# --- a TorchRec model sharded over several processes (distributed inference) -------------------------
+
+
+@dataclass(frozen=True)
+class ShardedModel:
+    """A trained TorchRec model served by ``world_sizes`` processes with its tables placed by each of
+    ``strategies`` (``pytei.distributed.STRATEGIES``): one model per (strategy, world size)."""
+
+    checkpoint: str
+    strategies: tuple[str, ...]
+    world_sizes: tuple[int, ...] = (2,)
+    batch_size: int = 256
+    latency_batch: int = 128
+    latency_requests: int = 30
+    label: str | None = None
+
+    def expand(self, data: DataOptions) -> dict[str, dict]:
+        """``{model key: how the runner builds it}``, world size major (``sharded:DIR:table_wise x2``)."""
+        out = {}
+        for world, strategy in itertools.product(self.world_sizes, self.strategies):
+            out[f"sharded:{self.checkpoint}:{strategy} x{world}"] = {
+                "sharded": self.checkpoint,
+                "strategy": strategy,
+                "world_size": world,
+                "max_rows": data.max_rows,
+                "batch_size": self.batch_size,
+                "latency": [self.latency_batch, self.latency_requests],
+            }
+        return out
+
+
+def _strategy(value: Any, path: str) -> str:
+    from ..distributed._plan import check_strategy  # no torchrec import: the names and their rules
+
+    try:
+        return check_strategy(value)
+    except ArgumentError as err:
+        raise SpecError(path, str(err)) from err
+
+
+class ShardedSource:
+    """``sharded = "dir"`` with ``strategies``, ``world_sizes``, ``batch_size`` (rows per rank and step),
+    ``latency = { batch, requests }`` and ``label``: the checkpoint's TorchRec model sharded over
+    ``world_size`` processes (gloo on loopback), scored on its test split. Its trials run on the
+    ranks (global faults, drawn on the unsharded model, and the spec's ``host_faults``); the spec's
+    mitigations other than ``none`` do not apply to it."""
+
+    key = "sharded"
+    labelled = True
+
+    def parse(self, value: dict, path: str, base: Path) -> ShardedModel:
+        from ..distributed._plan import GPU_ONLY, STRATEGIES
+
+        keys = ("sharded", "strategies", "world_sizes", "batch_size", "latency", "label")
+        t = Table(value, path, keys)
+        where = Path(t.get("sharded", string)).expanduser()
+        cpu = tuple(s for s in STRATEGIES if s not in GPU_ONLY)
+        latency = Table(value.get("latency", {}), t.key("latency"), ("batch", "requests"))
+        return ShardedModel(
+            checkpoint=str((base / where).resolve()),
+            strategies=t.get("strategies", many(_strategy), cpu),
+            world_sizes=t.get("world_sizes", many(integer(1, 64)), (2,)),
+            batch_size=t.get("batch_size", integer(1), 256),
+            latency_batch=latency.get("batch", integer(1), 128),
+            latency_requests=latency.get("requests", integer(1), 30),
+            label=t.get("label", string, None),
+        )
+
+    def build(self, model_spec: dict) -> nn.Module:
+        """The unsharded model (its parameter names are the sharded model's logical names)."""
+        return load_checkpoint(model_spec["sharded"], with_data=False).model
+
+    def architecture(self, model_spec: dict) -> str:
+        return ""  # known once loaded (the checkpoint's metadata)
+
+    def config(self, model_spec: dict) -> dict | None:
+        return {"strategy": model_spec["strategy"], "world_size": model_spec["world_size"]}
+
+    def load(self, key: str, model_spec: dict, batch_size: int) -> Evaluation:
+        """The unsharded model on the same test rows: the reference a sharded model must equal."""
+        unsharded = {"checkpoint": model_spec["sharded"], "split": "test", "max_rows": model_spec["max_rows"]}
+        return CheckpointSource().load(key, unsharded, batch_size)
+
+
 sources("checkpoint", CheckpointSource())
 sources("dummy", DummySource())
 sources("model", RegisteredSource())
+sources("sharded", ShardedSource())

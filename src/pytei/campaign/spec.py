@@ -36,7 +36,16 @@ Semantics a reader of a spec needs to know:
   ``pytei.errors.register``); a mitigation may be a table with its options
   (``{ name = "clip", low = -4, high = 4 }``), checked against the object's signature;
 * ``plugins = ["my_pkg.models"]`` imports modules (that register more names) before the rest of
-  the spec is checked.
+  the spec is checked;
+* a ``sharded = "dir"`` model (``pytei.distributed``) is served by ``world_size`` processes with its
+  tables placed by a strategy; it is scored on its checkpoint's test split (``data.split`` must be
+  ``test``), gets the spec's error points at the ``weights`` site with the mitigation ``none`` (drawn
+  on the unsharded model, so every strategy receives the same faults), and the ``host_faults``:
+  registered host faults (``pytei.distributed.faults.host_faults``: ``"HostSDC"``, ``{ name =
+  "HostLoss", fill = "mean", recover = "xor", group = 2 }``, ``{ name = "HostStale", checkpoint =
+  "dir" }``, ``{ name = "HostSlow", delay_ms = 5 }``), each on every rank (or its ``ranks`` that exist
+  in a world), at the ``host`` site. HostSDC is swept over the ``[errors]`` points and runs, HostSlow
+  over the runs; the others are planned once (run 0): their outcome does not depend on the seed.
 """
 
 from __future__ import annotations
@@ -55,6 +64,8 @@ from typing import Any, cast
 
 from .. import errors, metrics, mitigation, plugins
 from .._registry import OptionError, check_options
+from ..distributed.faults import host_faults
+from ..exceptions import ArgumentError
 from ..indices import BOUNDS
 from ..injector import SITES
 from ..targets import COMPONENTS, FIELDS, PARAM_KINDS
@@ -72,7 +83,16 @@ from .checks import (
     string,
     target_name,
 )
-from .sources import CheckpointModel, DataOptions, DummyGrid, ModelEntry, RegisteredModel, source_for, sources
+from .sources import (
+    CheckpointModel,
+    DataOptions,
+    DummyGrid,
+    ModelEntry,
+    RegisteredModel,
+    ShardedModel,
+    source_for,
+    sources,
+)
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -86,8 +106,10 @@ __all__ = [
     "DataOptions",
     "DummyGrid",
     "ErrorGrid",
+    "HostFaultChoice",
     "MitigationChoice",
     "RegisteredModel",
+    "ShardedModel",
     "Spec",
     "SpecError",
     "Target",
@@ -189,6 +211,25 @@ class MitigationChoice:
 
 
 @dataclass(frozen=True)
+class HostFaultChoice:
+    """A registered host fault (``pytei.distributed.faults.host_faults``) with its options, on ``ranks``
+    (None: every rank of each sharded model's world)."""
+
+    name: str
+    options: tuple[tuple[str, Any], ...] = ()
+    ranks: tuple[int, ...] | None = None
+
+    def ranks_in(self, world_size: int) -> list[int]:
+        """The ranks it is planned on in a world of ``world_size``."""
+        return [r for r in range(world_size) if self.ranks is None or r in self.ranks]
+
+    def fault_dict(self, rank: int, error: dict | None = None) -> dict:
+        """What a trial carries (its ``error``): ``{"model": name, "rank": r, **options}``, and the error
+        dict of the error model it wraps (HostSDC)."""
+        return {"model": self.name, "rank": rank, **dict(self.options), **({"error": error} if error else {})}
+
+
+@dataclass(frozen=True)
 class Confidence:
     """Adaptive sample size: run a point until the ``level`` CI of ``metric`` is within ``halfwidth``."""
 
@@ -215,6 +256,7 @@ class Spec:
     metrics: tuple[str, ...]
     confidence: Confidence | None
     plugins: tuple[str, ...] = ()
+    host_faults: tuple[HostFaultChoice, ...] = ()
     text: str = field(default="", repr=False, compare=False)
     hash: str = field(default="", compare=False)
 
@@ -233,6 +275,10 @@ class Spec:
             if label:
                 out.update(dict.fromkeys(m.expand(self.data), label))
         return out
+
+    def host_checkpoints(self) -> list[str]:
+        """Checkpoints the host faults read (a stale host's): they are part of the results' identity."""
+        return [str(v) for h in self.host_faults for k, v in h.options if k in host_faults.get(h.name).paths]
 
     def mitigation(self, label: str) -> MitigationChoice:
         """The mitigation shown as ``label``."""
@@ -440,6 +486,37 @@ def _mitigation(value: Any, path: str) -> MitigationChoice:
     return MitigationChoice(name, tuple(options.items()), label)
 
 
+def _host_fault(value: Any, path: str, *, base: Path) -> HostFaultChoice:
+    """A registered host fault's name, or a table of its ``name``, options and ``ranks``."""
+    names = host_faults.names()
+    if isinstance(value, str):
+        value = {"name": value}
+    if not isinstance(value, dict):
+        raise SpecError(path, f"must be a host fault name or a table {{ name = ... }}, got {show(value)}")
+    if "name" not in value:
+        raise SpecError(f"{path}.name", f"required: one of {', '.join(names)}")
+    name = choice(names)(value["name"], f"{path}.name")
+    cls = host_faults.get(name)
+    ranks = Table({"ranks": value["ranks"]} if "ranks" in value else {}, path, ("ranks",))
+    raw = {k: v for k, v in value.items() if k not in ("name", "ranks")}
+    try:
+        options = check_options(cls, raw, what=f"host fault {name}", skip=("rank", "error"))
+    except OptionError as err:
+        raise SpecError(f"{path}.{err.key}", str(err)) from err
+    for key in cls.paths:  # relative to the spec's folder, as checkpoints are
+        if key in options:
+            options[key] = str((base / Path(str(options[key])).expanduser()).resolve())
+    try:  # values the fault itself refuses (fill = "bogus", a missing option), before any trial runs
+        cls(rank=0, **options, **({"error": errors.BitFlip(0.0)} if cls.takes_error else {}))
+    except (ArgumentError, TypeError) as err:
+        raise SpecError(path, f"host fault {name}: {err}") from err
+    return HostFaultChoice(name, tuple(sorted(options.items())), ranks.get("ranks", _ranks, None))
+
+
+def _ranks(value: Any, path: str) -> tuple[int, ...]:
+    return tuple(sorted(many(integer(0, 63))(value, path)))
+
+
 def _confidence(value: Any, path: str) -> Confidence:
     t = Table(value, path, ("metric", "halfwidth", "level", "min_runs", "max_runs"))
     min_runs = t.get("min_runs", integer(2), 5)
@@ -514,6 +591,40 @@ def _check_metrics(
         )
 
 
+def _check_sharded(
+    models: tuple,
+    data: DataOptions,
+    chosen: tuple[HostFaultChoice, ...],
+    sites: tuple[str, ...],
+    mitigations: tuple[MitigationChoice, ...],
+) -> None:
+    """Sharded models score their test split and get trials; host faults need a sharded model."""
+    sharded = [i for i, m in enumerate(models) if isinstance(m, ShardedModel)]
+    if chosen and not sharded:
+        raise SpecError(
+            "host_faults", 'host faults need a sharded model: [[models]] sharded = "dir" (pytei.distributed)'
+        )
+    if sharded and data.split != "test":
+        raise SpecError(
+            "data.split",
+            f"models[{sharded[0]}] is sharded: its ranks score the test split; got {data.split!r}",
+        )
+    global_trials = "weights" in sites and any(m.name == "none" and not m.options for m in mitigations)
+    if sharded and not chosen and not global_trials:
+        raise SpecError(
+            f"models[{sharded[0]}]",
+            'a sharded model gets the spec\'s error points at the "weights" site with the mitigation '
+            f'"none", and its host_faults; with sites = {list(sites)}, mitigations = '
+            f"{[m.label for m in mitigations]} and no host_faults it would get no trial",
+        )
+    widest = max((max(models[i].world_sizes) for i in sharded), default=0)
+    for k, h in enumerate(chosen):
+        if h.ranks is not None and min(h.ranks) >= widest:
+            raise SpecError(
+                f"host_faults[{k}].ranks", f"no rank {list(h.ranks)} in any world (sizes up to {widest})"
+            )
+
+
 def _check_not_all_skipped(
     sites: tuple[str, ...], mitigations: tuple[MitigationChoice, ...], targets: tuple[Target, ...]
 ) -> None:
@@ -545,13 +656,15 @@ def parse_spec(text: str, base_dir: str | Path = ".") -> Spec:
     top = Table(raw, "", TOP_KEYS)
     loaded = top.get("plugins", _plugins, ())
     confidence = top.get("confidence", _confidence, None)
+    base = Path(base_dir).expanduser()
+    chosen_hosts = top.get("host_faults", many(partial(_host_fault, base=base)), ())
     if confidence is not None and top.has("runs"):
         raise SpecError("runs", "conflicts with [confidence], whose min_runs and max_runs bound the runs")
     values: dict[str, Any] = {
         "name": top.get("name", string),
         "seed": top.get("seed", integer(0), 0),
         "runs": confidence.max_runs if confidence else top.get("runs", integer(1), 10),
-        "models": top.get("models", many(partial(_model, base=Path(base_dir).expanduser()), distinct=False)),
+        "models": top.get("models", many(partial(_model, base=base), distinct=False)),
         "data": top.get("data", _data, DataOptions()),
         "errors": top.get("errors", _errors),
         "targets": top.get("targets", many(_target, key=lambda t: t.name), (Target("all"),)),
@@ -564,10 +677,13 @@ def parse_spec(text: str, base_dir: str | Path = ".") -> Spec:
     }
     _check_models_distinct(values["models"], values["data"])
     _check_metrics(values["models"], values["data"], values["metrics"], confidence)
-    _check_not_all_skipped(values["sites"], values["mitigations"], values["targets"])
-    hashed = {**values, **({"plugins": loaded} if loaded else {})}  # v1 specs keep their hash
+    _check_sharded(values["models"], values["data"], chosen_hosts, values["sites"], values["mitigations"])
+    if not all(isinstance(m, ShardedModel) for m in values["models"]):  # sharded models need no other site
+        _check_not_all_skipped(values["sites"], values["mitigations"], values["targets"])
+    later = {"plugins": loaded, "host_faults": chosen_hosts}  # keys added later: hashed when given
+    hashed = {**values, **{k: v for k, v in later.items() if v}}  # (older specs keep their hash)
     digest = hashlib.sha256(canonical_json(hashed).encode()).hexdigest()
-    return Spec(**values, plugins=loaded, text=text, hash=digest)
+    return Spec(**values, plugins=loaded, host_faults=chosen_hosts, text=text, hash=digest)
 
 
 #: Metrics recorded when a spec does not list any (the paper's three).

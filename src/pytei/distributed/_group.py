@@ -275,6 +275,10 @@ class ShardedGroup:
             "mean_ms": float(times.mean()),
         }
 
+    def digests(self) -> list[str]:
+        """Each rank's digest of what it holds (``RankState.digest``): equal before and after a trial."""
+        return [str(d) for d in self._gather("digest")]
+
     def tables_on(self, rank: int) -> list[str]:
         """Logical names of the tables with a piece on ``rank``."""
         return sorted(self.placement[rank]["pieces"])
@@ -316,22 +320,26 @@ class ShardedGroup:
             data = self.blocks("bytes")
             total = sum(b.numel() for b in data)
             return {"bytes": data[r]}, {
-                "method": "replica",
+                "method": fault.recovery,
                 "storage_overhead": data[r].numel() / total if total else 0.0,
                 "rebuild_s": 0.0,
                 "exact": True,
             }
         kind = "bytes" if fault.recover == "xor" else "values"
         data = self.blocks(kind)
+        g = fault.group or self.world_size
+        groups = [list(range(k, min(k + g, self.world_size))) for k in range(0, self.world_size, g)]
+        members = next(m for m in groups if r in m)
         encode, rebuild = (xor_parity, xor_rebuild) if kind == "bytes" else (sum_parity, sum_rebuild)
-        parity = encode(data)  # held by another host, built while every host was healthy
+        parity = encode([data[i] for i in members])  # held by a host outside the group, built while healthy
         t0 = time.perf_counter()
-        rebuilt = rebuild(parity, [b for i, b in enumerate(data) if i != r], data[r].numel())
+        rebuilt = rebuild(parity, [data[i] for i in members if i != r], data[r].numel())
         seconds = time.perf_counter() - t0
         total = sum(b.numel() for b in data)
+        stored = sum(max(data[i].numel() for i in m) for m in groups)  # one parity block per group
         info = {
-            "method": fault.recover,
-            "storage_overhead": parity.numel() / total if total else 0.0,
+            "method": fault.recovery,
+            "storage_overhead": stored / total if total else 0.0,
             "rebuild_s": seconds,
             "exact": bool(torch.equal(rebuilt.view(torch.uint8) if kind == "bytes" else rebuilt, data[r])),
         }

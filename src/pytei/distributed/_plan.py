@@ -22,6 +22,8 @@ __all__ = ["GPU_ONLY", "STRATEGIES", "check_strategy", "sharding_plan"]
 STRATEGIES = ("table_wise", "column_wise", "table_column_wise", "data_parallel", "row_wise")
 #: Strategies TorchRec's planner refuses on CPUs (its row-wise kernels need a GPU).
 GPU_ONLY = ("row_wise",)
+#: Share of each host's memory the planner keeps for dense tensors and inputs (TorchRec's default).
+RESERVED = 0.15
 #: Column shards are at least this wide (TorchRec's ``min_partition``): a 16-wide table splits in two.
 MIN_PARTITION = 8
 
@@ -43,8 +45,14 @@ def sharding_plan(model: Any, strategy: str, world_size: int, device: str, group
     ``world_size`` ranks (collective: every rank calls it)."""
     from torchrec.distributed.embedding_types import EmbeddingComputeKernel
     from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
-    from torchrec.distributed.planner import EmbeddingShardingPlanner, Topology
-    from torchrec.distributed.planner.types import ParameterConstraints
+    from torchrec.distributed.planner import EmbeddingShardingPlanner
+    from torchrec.distributed.planner.storage_reservations import FixedPercentageStorageReservation
+    from torchrec.distributed.planner.types import (
+        KernelConfig,
+        ParameterConstraints,
+        TopologyFactory,
+        TrainerConfig,
+    )
     from torchrec.modules.embedding_modules import EmbeddingBagCollection
 
     check_strategy(strategy, device)
@@ -59,7 +67,12 @@ def sharding_plan(model: Any, strategy: str, world_size: int, device: str, group
     }
     if not constraints:
         raise ArgumentError(f"{type(model).__name__} has no TorchRec EmbeddingBagCollection to shard")
+    topology = TopologyFactory.create_topology(
+        TrainerConfig(world_size=world_size), kernel_config=KernelConfig(compute_device=device)
+    )
     planner = EmbeddingShardingPlanner(
-        topology=Topology(world_size=world_size, compute_device=device), constraints=constraints
+        topology=topology,
+        constraints=constraints,
+        storage_reservation=FixedPercentageStorageReservation(RESERVED),  # the heuristic one warns
     )
     return planner.collective_plan(model, [EmbeddingBagCollectionSharder()], group)

@@ -11,6 +11,7 @@ runs the same number of steps, as the collectives of the sharded lookup need.
 
 from __future__ import annotations
 
+import hashlib
 import math
 import time
 from dataclasses import dataclass
@@ -115,6 +116,16 @@ class RankState:
         """The raw bytes of this rank's table pieces, concatenated in a fixed order (for parity)."""
         parts = [p.view.contiguous().view(-1).view(torch.uint8) for _, p in self._table_pieces()]
         return torch.cat(parts) if parts else torch.empty(0, dtype=torch.uint8)
+
+    def digest(self) -> str:
+        """SHA-256 over every tensor this rank holds (its pieces and replicated tensors): a restore that
+        left anything changed shows as a new digest."""
+        h = hashlib.sha256()
+        for name in sorted(self.pieces):
+            for p in self.pieces[name]:
+                h.update(f"{name}\x1f{p.row}\x1f{p.col}\x1f".encode())
+                h.update(p.view.detach().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+        return h.hexdigest()
 
     def shard_values(self) -> torch.Tensor:
         """The values of this rank's table pieces as float32, in ``shard_bytes`` order (sum parity)."""

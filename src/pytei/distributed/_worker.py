@@ -7,6 +7,7 @@ ignores Ctrl-C (the parent's to handle) and dies with its parent, ``kill -9`` in
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import traceback
@@ -25,6 +26,9 @@ def main(rank: int, world: int, port: int, conn: Any, cfg: dict[str, Any], paren
     import torch.distributed as dist
 
     torch.set_num_threads(int(cfg.get("threads", 1)))
+    # TorchRec 1.8 calls torch.fx.is_fx_tracing, which torch 2.13 answers with a deprecation notice
+    # addressed to TorchRec, once per rank: not the user's to act on.
+    logging.getLogger("torch.fx._symbolic_trace").setLevel(logging.ERROR)
     os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
     try:
         dist.init_process_group(

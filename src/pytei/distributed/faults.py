@@ -14,17 +14,34 @@ and what goes wrong there:
 * ``HostStale(rank, checkpoint)``: the host serves its shards from an older checkpoint of the model.
 * ``HostSlow(rank, delay_ms, jitter_ms)``: the host's lookups take ``delay_ms`` longer (plus an
   exponential jitter of mean ``jitter_ms``, seeded): latency only, outputs unchanged.
+
+``host_faults`` registers them by name for campaign specs (``host_faults = ["HostSDC", { name =
+"HostLoss", fill = "mean" }]``); a plugin registers its own ``HostFault`` subclass the same way.
+A fault's ``label`` is how results name it: its class and the options that tell it apart, the
+recovery and the inner error model left out (results keep those in ``mitigation`` and ``rate``).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
 from pathlib import Path
+from typing import Any, ClassVar
 
+from .._registry import Registry
 from ..errors import ErrorModel
 from ..exceptions import ArgumentError
 
-__all__ = ["FILLS", "RECOVERIES", "HostFault", "HostLoss", "HostSDC", "HostSlow", "HostStale"]
+__all__ = [
+    "FILLS",
+    "RECOVERIES",
+    "HostFault",
+    "HostLoss",
+    "HostSDC",
+    "HostSlow",
+    "HostStale",
+    "host_faults",
+]
 
 #: What a lost host's lookups return.
 FILLS = ("zeros", "mean", "default_row")
@@ -37,6 +54,40 @@ class HostFault:
     """A fault confined to one host (``rank``)."""
 
     rank: int
+
+    #: Whether repeated runs differ (drawn faults, jitter): a campaign runs it ``runs`` times, else once.
+    random: ClassVar[bool] = False
+    #: Whether it wraps an error model (``error``): a campaign sweeps it over the spec's ``[errors]``.
+    takes_error: ClassVar[bool] = False
+    #: Options that are paths (a campaign spec resolves them against its folder).
+    paths: ClassVar[tuple[str, ...]] = ()
+    #: Options a label leaves out (kept elsewhere in a result, or too long to name a fault by).
+    unlabelled: ClassVar[tuple[str, ...]] = ("error", "recover", "checkpoint")
+
+    @property
+    def label(self) -> str:
+        """``HostLoss(rank=1, fill=zeros)``: the class, the rank and the options that tell faults apart."""
+        return self.label_of({f.name: getattr(self, f.name) for f in fields(self)})
+
+    @classmethod
+    def label_of(cls, options: Mapping[str, Any]) -> str:
+        """The ``label`` of the fault ``options`` describe (``rank`` and its options; defaults filled in)."""
+        shown = [f"rank={options['rank']}"]
+        for f in fields(cls):  # every subclass is a dataclass
+            if f.name != "rank" and f.name not in cls.unlabelled:
+                shown.append(f"{f.name}={_short(options.get(f.name, f.default))}")
+        return f"{cls.__name__}({', '.join(shown)})"
+
+    @property
+    def recovery(self) -> str:
+        """How results name what rebuilt the host (their ``mitigation``): ``none``, ``replica``, ``xor``,
+        ``xor/g2`` (parity groups of 2 hosts), ``sum``."""
+        return self.recovery_of({f.name: getattr(self, f.name) for f in fields(self)})
+
+    @classmethod
+    def recovery_of(cls, options: Mapping[str, Any]) -> str:
+        """The ``recovery`` of the fault ``options`` describe."""
+        return "none"
 
     def __post_init__(self) -> None:
         if isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank < 0:
@@ -55,6 +106,9 @@ class HostFault:
 class HostSDC(HostFault):
     error: ErrorModel
 
+    random: ClassVar[bool] = True
+    takes_error: ClassVar[bool] = True
+
     def __post_init__(self) -> None:
         super().__post_init__()
         if not isinstance(self.error, ErrorModel):
@@ -65,6 +119,11 @@ class HostSDC(HostFault):
 class HostLoss(HostFault):
     fill: str = "zeros"
     recover: str | None = None
+    group: int | None = None
+    """Hosts per parity group (ECRM): consecutive ranks ``[k g, (k + 1) g)`` share one parity block
+    kept on a host outside the group; None: every host in one group."""
+
+    unlabelled: ClassVar[tuple[str, ...]] = ("recover", "group")
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -74,11 +133,33 @@ class HostLoss(HostFault):
             raise ArgumentError(
                 f"unknown HostLoss recovery {self.recover!r}; allowed: {', '.join(RECOVERIES)} (or none)"
             )
+        if self.group is not None:
+            if isinstance(self.group, bool) or not isinstance(self.group, int) or self.group < 2:
+                raise ArgumentError(
+                    f"HostLoss.group must be an int >= 2 (hosts per parity group), got {self.group!r}"
+                )
+            if self.recover not in ("xor", "sum"):
+                raise ArgumentError(
+                    f"HostLoss.group is a parity group: it needs recover='xor' or 'sum', got {self.recover!r}"
+                )
+
+    @classmethod
+    def recovery_of(cls, options: Mapping[str, Any]) -> str:
+        if not options.get("recover"):
+            return "none"
+        return str(options["recover"]) + (f"/g{options['group']}" if options.get("group") else "")
+
+    def check_world(self, world_size: int) -> None:
+        super().check_world(world_size)
+        if self.group is not None and self.group > world_size:
+            raise ArgumentError(f"HostLoss.group {self.group} is larger than the world of {world_size} hosts")
 
 
 @dataclass(frozen=True)
 class HostStale(HostFault):
     checkpoint: str | Path
+
+    paths: ClassVar[tuple[str, ...]] = ("checkpoint",)
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -91,9 +172,22 @@ class HostSlow(HostFault):
     delay_ms: float
     jitter_ms: float = 0.0
 
+    random: ClassVar[bool] = True  # latency is measured: each run is a sample of it
+
     def __post_init__(self) -> None:
         super().__post_init__()
         for name in ("delay_ms", "jitter_ms"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value < 60_000:
                 raise ArgumentError(f"HostSlow.{name} must be milliseconds in [0, 60000), got {value!r}")
+
+
+def _short(value: Any) -> str:
+    """A number as a label shows it (``5`` rather than ``5.0``)."""
+    return str(int(value)) if isinstance(value, float) and value.is_integer() else str(value)
+
+
+#: Host faults by name (campaign specs' ``host_faults``): ``HostFault`` subclasses.
+host_faults: Registry[type[HostFault]] = Registry("host fault")
+for _cls in (HostSDC, HostLoss, HostStale, HostSlow):
+    host_faults(_cls.__name__, _cls)

@@ -145,7 +145,6 @@ class Collection:
     """Ids go through a pruning remap before reaching rows: which sample reads which row is unknown."""
 
 
-
 def _remapped(module: nn.Module) -> bool:
     for tbe in [*getattr(module, "_emb_modules", ()), module]:
         for attr in ("index_remapping_hash_table", "index_remappings_array"):

@@ -93,8 +93,9 @@ def write_report(
     ``kind`` and dummy ``cfg_*`` columns), or a results database path. ``extras``: tables of studies
     that sections read besides the trials (``quantization``: the quantization study's trials with
     ``dtype`` and ``field``; ``quantization_blast``: its measured flips; ``abft_plan``; ``distributed``:
-    the distributed-inference study's trials). ``sections``: names of the sections to write (default:
-    every registered one that has its data). Returns the path of ``report.md``.
+    the trials of sharded models: taken from the trials when not given). ``sections``: names of the
+    sections to write (default: every registered one that has its data). Host-fault trials (site
+    ``host``) are shown by the distributed section only. Returns the path of ``report.md``.
     """
     if isinstance(df_or_db, pd.DataFrame):
         df = df_or_db
@@ -102,21 +103,27 @@ def write_report(
         from ..results import load
 
         df = load(df_or_db)
+    extras = dict(extras or {})
+    sharded = (
+        df["model"].astype(str).str.startswith("sharded:") if "model" in df else pd.Series(False, df.index)
+    )
+    if "distributed" not in extras and bool(sharded.any()):
+        extras["distributed"] = df[sharded]
+    if "site" in df:
+        df = df[df["site"] != "host"]
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     heading = f"pytei report: {title}" if title else "pytei report"
     ok = prepare(df)
     labelled = ok[ok["component"] & ok["labelled"]]
-    ctx = Context(trials=df, ok=ok, palette=styles(labelled["series"]), extras=dict(extras or {}))
+    ctx = Context(trials=df, ok=ok, palette=styles(labelled["series"]), extras=extras)
     doc = Doc(out)
     _header(doc, df, ok, heading)
     if sections is not None:
         unknown = sorted(set(sections) - set(_sections.names()))
         if unknown:
             raise ValueError(f"no report section {unknown}; registered: {', '.join(_sections.names())}")
-    present = [
-        s for s in _sections.sections() if s.applies(ctx) and (sections is None or s.name in sections)
-    ]
+    present = [s for s in _sections.sections() if s.applies(ctx) and (sections is None or s.name in sections)]
     for number, section in enumerate(present, start=1):
         doc.heading(2, f"{number}. {section.title}")
         section.render(doc, ctx)

@@ -1,6 +1,7 @@
-"""Report section: distributed inference with sharded tables (``pytei.distributed_study``'s trials, in
-``Context.extras["distributed"]``): AUC loss and latency per placement strategy and host fault, the
-blast radius of one faulty host, and what recovering a lost host costs."""
+"""Report section: distributed inference with sharded tables (the trials of a campaign's sharded models,
+such as ``pytei.distributed_study``'s, in ``Context.extras["distributed"]``): AUC loss and latency per
+placement strategy and host fault, the blast radius of one faulty host, and what recovering a lost
+host costs."""
 
 from __future__ import annotations
 
@@ -32,29 +33,47 @@ def _strategy(trials: pd.DataFrame) -> pd.Series:
     return trials["model_config"].map(one)
 
 
-def _fault(label: str) -> str:
-    """A fault without its rank: ``HostLoss(rank=1, fill=zeros)`` -> ``HostLoss(fill=zeros)``."""
-    if "(" not in label:
-        return label
-    name, args = label[:-1].split("(", 1)
-    kept = [a for a in args.split(", ") if not a.startswith("rank=")]
-    return f"{name}({', '.join(kept)})" if kept else name
+def _fault(label: str, site: str, rate: float) -> str:
+    """A fault without its rank (``HostLoss(rank=1, fill=zeros)`` -> ``HostLoss(fill=zeros)``), with its
+    rate where it has one; faults of every table (site ``weights``) are ``global``."""
+    name, args = label[:-1].split("(", 1) if "(" in label else (label, "")
+    kept = [a for a in args.split(", ") if a and not a.startswith("rank=")]
+    shown = f"{name}({', '.join(kept)})" if kept else name
+    shown = f"global {shown}" if site == "weights" else shown
+    return f"{shown} @ {rate:.0e}" if rate else shown
+
+
+#: Metrics of sharded trials that only some faults have (``pytei.campaign.sharded``).
+_MEASURED = (
+    "blast_samples", "blast_tables", "p50_ms", "p99_ms", "baseline_p50_ms", "baseline_p99_ms",
+    "storage_overhead", "rebuild_ms", "rebuilt_exactly",
+)  # fmt: skip
 
 
 def _prepared(trials: pd.DataFrame) -> pd.DataFrame:
     ok = trials[trials["status"] == "ok"].copy()
+    for column in _MEASURED:  # a campaign without slow hosts or recoveries has no such metric
+        if column not in ok:
+            ok[column] = float("nan")
     ok["strategy"] = _strategy(ok)
-    ok["fault"] = ok["error_model"].map(_fault)
+    ok["fault"] = [_fault(*x) for x in zip(ok["error_model"], ok["site"], ok["rate"], strict=True)]
     ok["loss"] = ok["baseline_auc"] - ok["auc"]
     return ok
 
 
 def fault_summary(trials: pd.DataFrame) -> pd.DataFrame:
     """Per strategy and fault (no recovery), over ranks and runs: AUC loss (mean, worst), blast radius
-    (samples whose logit changed, tables on the faulty host) and latency (P50/P99 where measured)."""
+    (samples whose logit changed, tables on the faulty host) and latency (P50/P99 where measured); first
+    per strategy the fault-free baseline (``none``)."""
     ok = _prepared(trials)
+    base = (
+        ok.groupby("strategy", sort=False)
+        .agg(auc=("baseline_auc", "mean"), p50=("baseline_p50_ms", "mean"), p99=("baseline_p99_ms", "mean"))
+        .reset_index()
+        .assign(fault="none", trials=float("nan"), loss=0.0, worst=0.0, samples=0.0, tables=0.0)
+    )
     ok = ok[ok["mitigation"] == "none"]
-    out = (
+    faults = (
         ok.groupby(["strategy", "fault"], sort=False)
         .agg(
             trials=("trial_id", "size"),
@@ -68,7 +87,9 @@ def fault_summary(trials: pd.DataFrame) -> pd.DataFrame:
         )
         .reset_index()
     )
-    return out
+    out = pd.concat([base, faults], ignore_index=True)[list(faults.columns)]
+    order = {s: i for i, s in enumerate(dict.fromkeys(out["strategy"]))}
+    return out.sort_values("strategy", key=lambda c: c.map(order), kind="stable").reset_index(drop=True)
 
 
 def recovery_summary(trials: pd.DataFrame) -> pd.DataFrame:
@@ -126,8 +147,9 @@ def _distributed(doc: Doc, ctx: Context) -> None:
         f"One trained model ({', '.join(sorted(set(ok['architecture'])))} on "
         f"{', '.join(sorted(set(ok['dataset'])))}) served by {', '.join(map(str, world))} processes with "
         "its embedding tables sharded by each strategy (TorchRec DistributedModelParallel, gloo on "
-        "loopback). 'global': BitFlip over every table, the same faults the unsharded model gets at "
-        "that seed. Host faults, one rank at a time: HostSDC (that host's share of the same faults), "
+        "loopback). 'none': fault-free. 'global': the error model over every table, the same faults the "
+        "unsharded model gets at that seed. Host faults, one rank at a time: HostSDC (that host's "
+        "share of the same faults), "
         "HostLoss (its lookups served as zeros or each table's mean row), HostStale (its shards from an "
         "older checkpoint), HostSlow (its lookups late: latency only). 'samples changed': share of "
         "scored samples whose logit differs from the fault-free one; 'tables on the host': share of "
@@ -140,9 +162,9 @@ def _distributed(doc: Doc, ctx: Context) -> None:
     if not recovery.empty:
         doc.text(
             "A lost host rebuilt before it serves: 'xor' from XOR parity of every host's raw shard bytes "
-            "kept on another host (exact), 'sum' from sum parity of the values (rounded once per "
-            "addition), 'replica' from a copy of its shards on another host. Storage overhead: the "
-            "parity (or replica) size over all shards."
+            "kept on another host (exact; 'xor/g2': one parity block per group of 2 hosts, as ECRM), "
+            "'sum' from sum parity of the values (rounded once per addition), 'replica' from a copy of "
+            "its shards on another host. Storage overhead: the parity (or replica) size over all shards."
         )
         doc.table(table(recovery, _RECOVERY), "Recovery of a lost host")
     path = doc.figure_path("fig-distributed-auc-loss")
@@ -152,7 +174,7 @@ def _distributed(doc: Doc, ctx: Context) -> None:
 
 def _plot(faults: pd.DataFrame, path: Any) -> None:
     """Grouped bars: mean AUC loss per fault (x), one bar per strategy."""
-    shown = faults[faults["fault"] != "baseline"]
+    shown = faults[faults["fault"] != "none"]
     labels = list(dict.fromkeys(shown["fault"]))
     strategies = list(dict.fromkeys(shown["strategy"]))
     fig = figures.new_figure(8.0, 4.0)
