@@ -258,7 +258,7 @@ def test_the_study_stores_each_trial_once_and_survives_a_killed_rank(checkpoints
 
     sizes = study.DistributedSizes(
         strategies=("table_wise",), world_sizes=(2,), runs=1, fills=("zeros",), recoveries=("xor",),
-        test_rows=200, batch_size=BATCH, latency_requests=3,
+        parity_groups=(), test_rows=200, batch_size=BATCH, latency_requests=3,
     )  # fmt: skip
     # per rank: HostSDC, HostLoss(zeros), HostLoss(xor), HostStale, HostSlow; and the global point
     planned = 1 + 2 * 5
@@ -315,54 +315,101 @@ def test_the_cli_refuses_bad_options_in_one_line(checkpoints, tmp_path, capsys, 
     assert not (tmp_path / "x.db").exists()  # refused before anything was written
 
 
-def test_a_campaign_spec_runs_a_sharded_model_with_parity_groups_from_the_cli(checkpoints, tmp_path, capsys):
-    """``pytei campaign run`` on a spec with a sharded model (4 hosts) and host faults; ECRM parity groups
-    of 2 rebuild a lost host exactly with half the parity storage of one group; ``pytei report`` gives the
-    distributed section; a second run runs nothing."""
+KILLER = """
+import os
+
+if os.environ.get("RANK") == "1" and os.environ.get("TORCHELASTIC_RESTART_COUNT") == "0":
+    from pytei.distributed import _rank
+
+    evaluate, calls = _rank.RankState.evaluate, []
+
+    def dying(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:  # rank 1 of the first attempt dies in its third trial
+            os._exit(9)
+        return evaluate(self, *args, **kwargs)
+
+    _rank.RankState.evaluate = dying
+"""
+
+
+def test_torchrun_runs_a_campaign_that_survives_a_dead_rank_and_matches_the_unsharded_model(
+    checkpoints, reference, tmp_path, capsys
+):
+    """``torchrun -m pytei campaign run``: rank 0 runs the campaign, rank 1 serves its shards. Rank 1 dies
+    mid-trial: every process stops, torchrun starts them again, the campaign resumes: each trial stored
+    once (those of a model of 4 ranks are left for a launch of 4). The global trials' AUC equals the
+    unsharded model's under the same faults; ``pytei report`` gives the distributed section."""
+    from pytei.campaign.plan import run_seed
     from pytei.cli import main
+    from pytei.metrics import Scorer
     from pytei.results import load
 
+    rows = 128
     spec = tmp_path / "spec.toml"
     spec.write_text(
         textwrap.dedent(f"""
-        name = "sharded"
-        runs = 1
+        name = "launched"
+        runs = 2
         targets = ["embedding"]
         metrics = ["auc"]
-        host_faults = [
-            {{ name = "HostLoss", recover = "xor", ranks = [2] }},
-            {{ name = "HostLoss", recover = "xor", group = 2, ranks = [2] }},
-            {{ name = "HostLoss", fill = "default_row", ranks = [3] }},
-        ]
+        host_faults = ["HostSDC", {{ name = "HostLoss", recover = "xor" }}]
         [[models]]
         sharded = {json.dumps(str(checkpoints[0]))}
-        strategies = ["table_wise"]
-        world_sizes = [4]
+        strategies = ["column_wise"]
+        world_sizes = [2, 4]
         batch_size = {BATCH}
         latency = {{ batch = 16, requests = 2 }}
         [data]
-        max_rows = 128
+        max_rows = {rows}
         [errors]
         model = "BitFlip"
         rates = [{RATE}]
         """)
     )
+    (tmp_path / "sitecustomize.py").write_text(KILLER)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")])}
     db = tmp_path / "s.db"
-    assert main(["campaign", "run", str(spec), "--db", str(db)]) == 0
-    rows = load(db).set_index("mitigation")
-    assert len(rows) == 4 and (rows["status"] == "ok").all()
-    assert rows.loc["xor", "rebuilt_exactly"] == rows.loc["xor/g2", "rebuilt_exactly"] == 1
-    assert rows.loc["xor", "auc"] == rows.loc["xor/g2", "auc"] == rows.loc["xor", "baseline_auc"]
-    # one block (the group's largest) per 2 hosts instead of one for all 4: more storage, at most twice
-    one, two = rows.loc["xor", "storage_overhead"], rows.loc["xor/g2", "storage_overhead"]
-    assert one < two <= 2 * one
-    assert set(rows["model_label"]) == {"dlrm-torchrec table_wise x4"}
-    lost = load(db)
-    lost = lost[lost["error_model"] == "HostLoss(rank=3, fill=default_row)"]
-    assert len(lost) == 1 and lost["blast_tables"].iloc[0] == 0.25
-    assert main(["campaign", "run", str(spec), "--db", str(db)]) == 0
-    assert "0 trials run now, 4 already stored" in "".join(capsys.readouterr())
+    argv = ["--standalone", "--nproc-per-node", "2", "--max-restarts", "1", "-m", "pytei"]
+    done = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", *argv, "campaign", "run", str(spec), "--db", str(db)],
+        env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "a rank of this 2-process launch is gone during 'evaluate'" in done.stderr
+    assert "14 of sharded models of another world size left for a launch of it" in done.stdout + done.stderr
+    trials = load(db)  # the x4 model's trials wait for a launch of 4: only the x2 model's are stored
+    assert len(trials) == trials["trial_id"].nunique() == 2 + 2 * 2 + 2  # global, HostSDC, HostLoss(xor)
+    assert (trials["status"] == "ok").all()
+    labels = load_checkpoint(checkpoints[0]).data.test.labels[:rows]
+    for run in (0, 1):
+        row = trials[(trials["site"] == "weights") & (trials["run"] == run)]
+        logits = unsharded(reference, error=BitFlip(RATE), seed=run_seed(0, run), target="embedding")[:rows]
+        assert row["auc"].iloc[0] == Scorer(labels, metrics=["auc"])(logits.float().reshape(-1))["auc"]
+    rebuilt = trials[trials["mitigation"] == "xor"]
+    assert (rebuilt["rebuilt_exactly"] == 1).all() and (rebuilt["auc"] == rebuilt["baseline_auc"]).all()
     assert main(["report", str(db), "--out", str(tmp_path / "report")]) == 0
     text = (tmp_path / "report" / "report.md").read_text()
-    assert "Distributed inference" in text and "| table_wise x4 | xor/g2 | 1 |" in text
-    assert "HostLoss" not in text.split("Distributed inference")[0]  # host trials: that section only
+    assert "Distributed inference" in text and "| column_wise x2 | xor | 2 |" in text
+    assert "HostSDC" not in text.split("Distributed inference")[0]  # host trials: that section only
+
+
+def test_parity_groups_rebuild_a_lost_host_from_its_group_only():
+    """ECRM: one parity block per group of ``g`` hosts: a lost host is rebuilt from its group's survivors
+    (exactly for XOR), and the parity takes the largest block of each group."""
+    group = ShardedGroup.__new__(ShardedGroup)
+    group.world_size = 4
+    gen = torch.Generator().manual_seed(0)
+    sizes = (40, 10, 30, 20)
+    blocks = [torch.randint(0, 256, (n,), dtype=torch.uint8, generator=gen) for n in sizes]
+    group._blocks = {"bytes": blocks, "values": [b.float() for b in blocks]}
+    total = sum(sizes)
+    for rank in range(4):
+        whole, info = group._lost(HostLoss(rank, recover="xor"))
+        assert torch.equal(whole["bytes"], blocks[rank]) and info["exact"]
+        assert info["storage_overhead"] == 40 / total and info["method"] == "xor"
+        pairs, info = group._lost(HostLoss(rank, recover="xor", group=2))
+        assert torch.equal(pairs["bytes"], blocks[rank]) and info["exact"] and info["method"] == "xor/g2"
+        assert info["storage_overhead"] == (40 + 30) / total  # groups {0, 1} and {2, 3}
+    with pytest.raises(ArgumentError, match="group 8 is larger than the world of 4"):
+        HostLoss(0, recover="xor", group=8).check_world(4)

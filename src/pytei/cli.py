@@ -317,6 +317,8 @@ def _cmd_campaign_run(args: argparse.Namespace, console: Console) -> None:
         **_executor_options(args),
     )
     elsewhere = f", {result.elsewhere} run by another process" if result.elsewhere else ""
+    if result.deferred:
+        elsewhere += f", {result.deferred} of sharded models of another world size left for a launch of it"
     _say(
         console,
         f"campaign {spec.name}: {result.ran} trials run now, {result.skipped} already stored{elsewhere}, "
@@ -743,8 +745,17 @@ def _one_line(err: BaseException) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run the command ``argv`` (default: ``sys.argv[1:]``); returns the exit code."""
+    """Run the command ``argv`` (default: ``sys.argv[1:]``); returns the exit code. Started by ``torchrun``,
+    rank 0 runs it and the other ranks serve its sharded models (``pytei.distributed.launch``)."""
     args = build_parser().parse_args(argv)
+    from .distributed import launch
+
+    if launch.launched():
+        return launch.run(lambda: _run(args))
+    return _run(args)
+
+
+def _run(args: argparse.Namespace) -> int:
     console = Console()
     debug = _debugging(args)
     try:

@@ -11,7 +11,8 @@ the same. Per strategy and world size:
 * the spec's error point at the ``weights`` site: BitFlip at ``ber`` over every embedding table, the
   same faults the unsharded model gets at that seed (so every strategy sees the same faults);
 * per rank: ``HostSDC`` (the rank's share of those faults), ``HostLoss`` served as each fill,
-  ``HostLoss`` rebuilt by each recovery (XOR parity, sum parity, a replica), ``HostStale`` (the
+  ``HostLoss`` rebuilt by each recovery (XOR parity, sum parity, a replica, XOR parity in groups of
+  ``parity_groups`` hosts), ``HostStale`` (the
   model's older checkpoint, when given), ``HostSlow`` (its lookups ``slow_ms`` late).
 
 A trial's row carries the strategy and world size (``model_config``), the fault (``error_model``,
@@ -42,6 +43,8 @@ class DistributedSizes:
     runs: int = 2
     fills: tuple[str, ...] = ("zeros", "mean")
     recoveries: tuple[str, ...] = ("xor", "sum", "replica")
+    parity_groups: tuple[int, ...] = (2,)
+    """XOR parity in groups of this many hosts (ECRM), besides one group of every host (``xor``)."""
     slow_ms: float = 5.0
     batch_size: int = 256
     test_rows: int | None = 2000
@@ -56,6 +59,7 @@ def spec(
     faults: list[Any] = ["HostSDC"]
     faults += [{"name": "HostLoss", "fill": f} for f in sizes.fills]
     faults += [{"name": "HostLoss", "recover": r} for r in sizes.recoveries]
+    faults += [{"name": "HostLoss", "recover": "xor", "group": g} for g in sizes.parity_groups]
     if stale is not None:
         faults.append({"name": "HostStale", "checkpoint": str(Path(stale).resolve())})
     faults.append({"name": "HostSlow", "delay_ms": float(sizes.slow_ms)})

@@ -32,7 +32,7 @@ from .. import metrics, stats
 from .. import plugins as plugin_loader
 from .._process import die_with_parent
 from .._registry import Registry
-from ..exceptions import PyteiError
+from ..exceptions import ArgumentError, PyteiError
 from ..progress import progress_bar
 from . import sharded as _sharded  # noqa: F401 - registers the runner of sharded models
 from .fingerprint import fingerprints
@@ -320,7 +320,8 @@ executors("ray", _ray)
 class CampaignResult:
     """Counts after a run: trials run now, already stored, failed (of those run now), planned, and
     left to another runner on the same database (claimed by it, still running); ``first_error`` is
-    the error message of the first trial that failed now."""
+    the error message of the first trial that failed now; ``deferred``: trials of sharded models of
+    another world size than this torchrun launch's, not run (a launch of their size runs them)."""
 
     ran: int
     skipped: int
@@ -328,6 +329,8 @@ class CampaignResult:
     planned: int
     elsewhere: int = 0
     first_error: str | None = None
+    deferred: int = 0
+    """Trials of sharded models whose world size is not this launch's (left for a launch of theirs)."""
 
     @property
     def all_failed(self) -> bool:
@@ -378,6 +381,24 @@ def _next_round(trials: list[Trial], store: Store, spec: Spec) -> list[Trial]:
 def _say(progress: bool, text: str) -> None:
     if progress:
         print(text, file=sys.stderr, flush=True)
+
+
+def _launch_world() -> int | None:
+    """The world size of the torchrun launch this process is rank 0 of (None: not launched)."""
+    from ..distributed.launch import active
+
+    session = active()
+    return None if session is None else session.world
+
+
+def _runnable(trials: Iterable[Trial], world: int | None, tally: dict[str, int]) -> Iterator[Trial]:
+    """The trials this process can run: under a launch of ``world`` ranks, not those of sharded models of
+    another world size (counted in ``tally["deferred"]``: failing them would store them as done)."""
+    for t in trials:
+        if world is not None and "sharded" in t.model_spec and t.model_spec["world_size"] != world:
+            tally["deferred"] += 1
+            continue
+        yield t
 
 
 def _claimed(trials: Iterable[Trial], store: Store, owner: str, tally: dict[str, int]) -> Iterator[Trial]:
@@ -444,13 +465,19 @@ def run_campaign(
             base_dir=str(Path(base_dir).resolve()),
             fingerprints=fingerprints(model_specs, spec.host_checkpoints()),
         )
+        name = executor or ("ray" if ray_address else "pool" if workers > 0 else "in-process")
+        world = _launch_world()
+        if world is not None and name != "in-process":
+            raise ArgumentError(
+                f"under torchrun the campaign runs in rank 0's process, which the other ranks serve: "
+                f"run it without --workers / --ray-address (got executor {name!r})"
+            )
         owner = store.join()
         beating = store.heartbeat(owner)
-        name = executor or ("ray" if ray_address else "pool" if workers > 0 else "in-process")
         runner: Executor = executors.get(name)(workers=workers, address=ray_address, plugins=modules)
         ran = failed = 0
         first_error: str | None = None
-        tally = {"stored": 0, "elsewhere": 0}
+        tally = {"stored": 0, "elsewhere": 0, "deferred": 0}
         trials = list(iter_plan(spec, parameter_names=cached_names)) if spec.confidence is not None else None
         try:
             with progress_bar(enabled=progress) as bar:
@@ -458,12 +485,12 @@ def run_campaign(
                 task = bar.add_task(f"campaign {spec.name}", total=n_planned, completed=done)
                 while True:
                     if trials is not None:
-                        tally["stored"] = 0  # recounted each round
+                        tally["stored"] = tally["deferred"] = 0  # recounted each round
                         todo: Iterable[Trial] = _next_round(trials, store, spec)
                     else:
                         todo = iter_plan(spec, parameter_names=cached_names)
                     round_ran = 0
-                    for row in runner.run(_claimed(todo, store, owner, tally)):
+                    for row in runner.run(_claimed(_runnable(todo, world, tally), store, owner, tally)):
                         try:
                             store.record(row)
                         except DuplicateTrial:  # a runner taken for dead finished it after all
@@ -498,6 +525,7 @@ def run_campaign(
             planned=n_planned,
             elsewhere=tally["elsewhere"],
             first_error=first_error,
+            deferred=tally["deferred"],
         )
 
 

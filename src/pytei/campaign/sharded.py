@@ -14,8 +14,11 @@ raw logits against the test labels, as for any model), plus what distributed inf
   ``rebuilt_exactly``.
 
 A rank that dies fails the trial in flight (its row says which rank); the next trial starts the
-group afresh. Every ``VERIFY_EVERY`` trials, and when the runner is done, each rank's digest of what
-it holds is compared with its clean one: a restore that left anything changed fails loudly.
+group afresh. Under ``torchrun`` (``pytei.distributed.launch``) a dead rank stops the campaign
+instead (the launch's process group is broken): the trial in flight is not stored, and the campaign
+resumes when torchrun restarts the processes. Every ``VERIFY_EVERY`` trials, and when the runner is
+done, each rank's digest of what it holds is compared with its clean one: a restore that left
+anything changed fails loudly.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ import torch
 from .. import metrics
 from ..distributed import DistributedError, HostSlow, ShardedGroup
 from ..distributed.faults import HostFault, host_faults
+from ..distributed.launch import LaunchBroken
 from .plan import HOST_SITE, Trial, build_error
 from .runner import VERIFY_EVERY, failed_row, runners, trial_row
 from .spec import make_error
@@ -104,6 +108,8 @@ class ShardedRunner:
         started = time.time()
         try:
             row = self._run(trial, started)
+        except LaunchBroken:  # a launch's rank is gone: every process stops, torchrun restarts them
+            raise
         except DistributedError as err:  # the group is closed: the next trial starts a new one
             self.group = None
             row = failed_row(trial, started, err, self)

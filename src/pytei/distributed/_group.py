@@ -22,6 +22,16 @@ from .parity import sum_parity, sum_rebuild, xor_parity, xor_rebuild
 
 __all__ = ["DistributedError", "Evaluation", "ShardedGroup"]
 
+#: Modules the rank server imports before it forks ranks (what every rank imports anyway).
+PRELOAD = (
+    "torch",
+    "torchrec.distributed.model_parallel",
+    "torchrec.distributed.embeddingbag",
+    "torchrec.distributed.planner",
+    "pytei.checkpoint",
+    "pytei.distributed._rank",
+)
+
 
 class DistributedError(PyteiError, RuntimeError):
     """A rank died or failed during a command; the group is closed (a new one starts afresh)."""
@@ -53,7 +63,11 @@ class ShardedGroup:
     """``world_size`` processes on this machine (gloo over loopback, a free port) serving the TorchRec
     model of ``checkpoint`` sharded by ``strategy``; each scores its share of the first ``test_rows``
     test rows in batches of ``batch_size`` per rank. Use as a context manager: closing it stops every
-    rank (ranks also die with this process, ``kill -9`` included)."""
+    rank (ranks also die with this process, ``kill -9`` included).
+
+    In a process started by ``torchrun`` as rank 0 of a launch (``pytei.distributed.launch``), the
+    ranks are the launch's processes instead, here or on other machines: ``world_size`` must be the
+    launch's."""
 
     def __init__(
         self,
@@ -88,6 +102,8 @@ class ShardedGroup:
         self._labels: torch.Tensor | None = None
         self.placement: list[dict[str, Any]] = []
         self._blocks: dict[str, list[torch.Tensor]] = {}
+        self._session: Any = None  # the launch this process is rank 0 of (pytei.distributed.launch)
+        self._running = False
 
     # --- life cycle -------------------------------------------------------------------------------
 
@@ -102,13 +118,27 @@ class ShardedGroup:
         """Start the ranks and wait until each holds its shards."""
         from ..checkpoint import load_checkpoint
         from ._worker import main
+        from .launch import active
 
+        self._session = active()
+        if self._session is not None and self._session.world != self.world_size:
+            raise ArgumentError(
+                f"this launch has {self._session.world} processes (torchrun --nnodes x --nproc-per-node), "
+                f"so it serves sharded models of world size {self._session.world}, not {self.world_size}"
+            )
         ckpt = load_checkpoint(self.checkpoint)
         assert ckpt.data is not None  # loaded with its data
         self._model = ckpt.model.eval()
         rows = len(ckpt.data.test) if self.cfg["test_rows"] is None else int(self.cfg["test_rows"])
         self._labels = ckpt.data.test.labels[: min(rows, len(ckpt.data.test))]
-        ctx = multiprocessing.get_context("spawn")
+        if self._session is not None:
+            self._running = True
+            self.placement = self._gather("start", [{"cfg": self.cfg}] * self.world_size)
+            return
+        # Ranks are forked from a server process that imported torch and TorchRec once (seconds per
+        # rank otherwise); it ends with this process, and the ranks with it.
+        ctx = multiprocessing.get_context("forkserver")
+        ctx.set_forkserver_preload(list(PRELOAD))
         port = free_port()
         for rank in range(self.world_size):
             parent_end, child_end = ctx.Pipe()
@@ -121,7 +151,14 @@ class ShardedGroup:
         self.placement = self._gather("start")
 
     def close(self) -> None:
-        """Stop every rank (those that do not stop within a few seconds are killed)."""
+        """Stop every rank (those that do not stop within a few seconds are killed); under a launcher,
+        every rank drops the model and waits for the next."""
+        if self._session is not None:
+            if self._running:
+                self._running = False
+                with contextlib.suppress(PyteiError):  # a broken launch: its command fails instead
+                    self._session.command("stop", [{}] * self.world_size)
+            return
         for conn in self._conns:
             with contextlib.suppress(OSError, EOFError):
                 conn.send(("stop", {}))
@@ -146,6 +183,8 @@ class ShardedGroup:
     def _gather(self, name: str, per_rank: list[dict[str, Any]] | None = None) -> list[Any]:
         """Send command ``name`` (with each rank's kwargs) and collect every rank's answer; a rank that
         dies or fails closes the group and raises ``DistributedError`` naming it."""
+        if self._session is not None:
+            return self._command(name, per_rank or [{}] * self.world_size)
         if not self._procs:
             raise DistributedError("the sharded group is not running (start it, or use it in a with block)")
         if name != "start":
@@ -174,6 +213,19 @@ class ShardedGroup:
             if pending and time.monotonic() > deadline:
                 self._fail(min(pending), name, f"no answer within {self.timeout + 60:.0f} s")
         return answers
+
+    def _command(self, name: str, per_rank: list[dict[str, Any]]) -> list[Any]:
+        """``_gather`` through the launch: a rank whose command raised fails it (the group goes on)."""
+        if not self._running:
+            raise DistributedError("the sharded group is not running (start it, or use it in a with block)")
+        answers = self._session.command(name, per_rank)
+        for rank, (status, value) in enumerate(answers):
+            if status != "ok":
+                if name == "start":
+                    self._running = False
+                where = f"of {self.world_size} ({self.strategy}, launched)"
+                raise DistributedError(f"rank {rank} {where} failed during {name!r}:\n{value}")
+        return [value for _, value in answers]
 
     def _fail(self, rank: int, name: str, detail: str | None) -> None:
         """Close the group and raise, blaming a rank that died if any did: the survivors' collectives
@@ -264,7 +316,9 @@ class ShardedGroup:
     ) -> dict[str, float]:
         """P50 / P99 / mean (ms) of ``requests`` batched inference requests of ``batch`` rows per rank
         (a request is done when its slowest rank is), with an optional slow host."""
-        per_rank: list[dict[str, Any]] = [{"requests": requests, "batch": batch} for _ in self._procs]
+        per_rank: list[dict[str, Any]] = [
+            {"requests": requests, "batch": batch} for _ in range(self.world_size)
+        ]
         if fault is not None:
             fault.check_world(self.world_size)
             per_rank[fault.rank]["slow"] = (float(fault.delay_ms), float(fault.jitter_ms), 0)
@@ -316,12 +370,11 @@ class ShardedGroup:
         if fault.recover is None:
             return {"fill": fault.fill}, {}
         r = fault.rank
-        if fault.recover == "replica":
+        if fault.recover == "replica":  # every host's shards have a copy on another host: twice the storage
             data = self.blocks("bytes")
-            total = sum(b.numel() for b in data)
             return {"bytes": data[r]}, {
                 "method": fault.recovery,
-                "storage_overhead": data[r].numel() / total if total else 0.0,
+                "storage_overhead": 1.0,
                 "rebuild_s": 0.0,
                 "exact": True,
             }

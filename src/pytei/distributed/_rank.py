@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import math
 import time
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -51,6 +52,7 @@ class RankState:
         import torch.distributed as dist
         from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
         from torchrec.distributed.model_parallel import DistributedModelParallel
+        from torchrec.distributed.types import ShardingEnv
 
         from ..checkpoint import load_checkpoint
         from ._plan import sharding_plan
@@ -61,12 +63,22 @@ class RankState:
         # The clean tensors, kept while their slices are copied: sharding replaces the collections.
         full = {k: v.detach().clone() for k, v in ckpt.model.state_dict().items()}
         model = ckpt.model.eval()
-        plan = sharding_plan(model, cfg["strategy"], world, "cpu", dist.GroupMember.WORLD)
+        # The launch's (or the spawned group's) process group: a subgroup per model would read a torchrun
+        # restart's stale rendezvous entries and never connect.
+        group = dist.GroupMember.WORLD
+        plan = sharding_plan(model, cfg["strategy"], world, "cpu", group)
         self.plan_text = str(plan)
         sharder = EmbeddingBagCollectionSharder()
-        self.model = DistributedModelParallel(
-            model, device=torch.device("cpu"), plan=plan, sharders=[sharder], init_data_parallel=False
-        ).eval()
+        with warnings.catch_warnings():  # TorchRec 1.8 passes DDP an argument torch 2.13 deprecates
+            warnings.filterwarnings("ignore", "`broadcast_buffers` is deprecated", FutureWarning)
+            self.model = DistributedModelParallel(
+                model,
+                env=ShardingEnv.from_process_group(group),
+                device=torch.device("cpu"),
+                plan=plan,
+                sharders=[sharder],
+                init_data_parallel=False,
+            ).eval()
         self.pieces: dict[str, list[Piece]] = {}
         self.tables: set[str] = set()
         #: Rows of each table: a fill by the table's mean or default row needs them all on this host.

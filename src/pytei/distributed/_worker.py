@@ -2,7 +2,8 @@
 
 Commands come over a pipe from the parent (``pytei.distributed.ShardedGroup``) as ``(name, kwargs)``,
 each a method of ``RankState``; the answer is ``("ok", result)`` or ``("error", traceback)``. A rank
-ignores Ctrl-C (the parent's to handle) and dies with its parent, ``kill -9`` included.
+ignores Ctrl-C (the parent's to handle) and dies with its parent, ``kill -9`` included: it is forked by
+the parent's rank server (``multiprocessing``'s forkserver), which ends when the parent does.
 """
 
 from __future__ import annotations
@@ -21,7 +22,11 @@ def main(rank: int, world: int, port: int, conn: Any, cfg: dict[str, Any], paren
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     from .._process import die_with_parent
 
-    die_with_parent(parent)
+    die_with_parent(os.getppid())  # the rank server, which ends with ``parent``
+    try:
+        os.kill(parent, 0)
+    except ProcessLookupError:  # the parent died before the rank started
+        os._exit(1)
     import torch
     import torch.distributed as dist
 

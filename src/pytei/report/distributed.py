@@ -164,7 +164,8 @@ def _distributed(doc: Doc, ctx: Context) -> None:
             "A lost host rebuilt before it serves: 'xor' from XOR parity of every host's raw shard bytes "
             "kept on another host (exact; 'xor/g2': one parity block per group of 2 hosts, as ECRM), "
             "'sum' from sum parity of the values (rounded once per addition), 'replica' from a copy of "
-            "its shards on another host. Storage overhead: the parity (or replica) size over all shards."
+            "its shards on another host. Storage overhead: the parity blocks' size (or the replicas', "
+            "one of every host) over all shards."
         )
         doc.table(table(recovery, _RECOVERY), "Recovery of a lost host")
     path = doc.figure_path("fig-distributed-auc-loss")
