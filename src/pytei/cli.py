@@ -412,6 +412,7 @@ def _cmd_distributed(args: argparse.Namespace, console: Console) -> None:
         runs=args.runs,
         test_rows=args.test_rows,
         batch_size=args.batch_size,
+        latency_pooling=args.pooling,
     )
     trials = run_study(args.checkpoint, args.db, sizes, stale=args.stale, console=console)
     if out is not None:
@@ -692,6 +693,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--runs", type=_count(1), default=2, help="seeds per fault that draws at random")
     p.add_argument("--test-rows", type=_count(1), default=2000, help="test rows scored per trial")
     p.add_argument("--batch-size", type=_count(1), default=256, help="rows per rank per step")
+    p.add_argument("--pooling", type=_count(1), default=1, help="ids per bag of the timed requests")
     p.add_argument("--report", help="also write the report to this folder")
 
     p = command(

@@ -50,6 +50,8 @@ class DistributedSizes:
     test_rows: int | None = 2000
     latency_batch: int = 128
     latency_requests: int = 30
+    latency_pooling: int = 1
+    """Ids per bag of the timed requests (each row's own and random ones): their sparsity."""
 
 
 def spec(
@@ -68,7 +70,11 @@ def spec(
         "strategies": list(sizes.strategies),
         "world_sizes": list(sizes.world_sizes),
         "batch_size": sizes.batch_size,
-        "latency": {"batch": sizes.latency_batch, "requests": sizes.latency_requests},
+        "latency": {
+            "batch": sizes.latency_batch,
+            "requests": sizes.latency_requests,
+            "pooling": sizes.latency_pooling,
+        },
     }
     document = {
         "name": "distributed-inference",

@@ -69,8 +69,8 @@ class ShardedRunner:
             batch_size=int(spec["batch_size"]),
             test_rows=int(spec["max_rows"]) or None,
         )
-        self.where = f"{spec['strategy']} x{spec['world_size']}"
-        self.latency_batch, self.latency_requests = (int(v) for v in spec["latency"])
+        self.where = trial.model.rsplit(":", 1)[-1]  # table_wise x2 (pooling 8)
+        self.latency_batch, self.latency_requests, self.pooling = (int(v) for v in spec["latency"])
         self.group: ShardedGroup | None = None
         self._start()
         self.trials_since_check = 0
@@ -86,7 +86,9 @@ class ShardedRunner:
         if not hasattr(self, "clean"):
             base = group.evaluate()
             self.clean, self.labels = base.logits, base.labels
-            latency = group.latency(batch=self.latency_batch, requests=self.latency_requests)
+            latency = group.latency(
+                batch=self.latency_batch, requests=self.latency_requests, pooling=self.pooling
+            )
             self.base_latency = {f"baseline_{k}": v for k, v in latency.items() if k != "mean_ms"}
             self.digests = group.digests()
             self._scorers: dict[tuple[str, ...], tuple[metrics.Scorer, dict[str, float]]] = {}
@@ -137,7 +139,12 @@ class ShardedRunner:
             fault = host_fault(trial.error)
             if isinstance(fault, HostSlow):
                 extra.update(
-                    group.latency(batch=self.latency_batch, requests=self.latency_requests, fault=fault)
+                    group.latency(
+                        batch=self.latency_batch,
+                        requests=self.latency_requests,
+                        fault=fault,
+                        pooling=self.pooling,
+                    )
                 )
             ev = group.evaluate(fault=fault, seed=trial.seed)
             tables = group.all_tables()

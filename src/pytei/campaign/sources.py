@@ -411,19 +411,22 @@ class ShardedModel:
     batch_size: int = 256
     latency_batch: int = 128
     latency_requests: int = 30
+    latency_pooling: int = 1
     label: str | None = None
 
     def expand(self, data: DataOptions) -> dict[str, dict]:
-        """``{model key: how the runner builds it}``, world size major (``sharded:DIR:table_wise x2``)."""
+        """``{model key: how the runner builds it}``, world size major (``sharded:DIR:table_wise x2``, with
+        `` pooling 8`` where the timed requests have 8 ids per bag)."""
         out = {}
+        pooling = f" pooling {self.latency_pooling}" if self.latency_pooling != 1 else ""
         for world, strategy in itertools.product(self.world_sizes, self.strategies):
-            out[f"sharded:{self.checkpoint}:{strategy} x{world}"] = {
+            out[f"sharded:{self.checkpoint}:{strategy} x{world}{pooling}"] = {
                 "sharded": self.checkpoint,
                 "strategy": strategy,
                 "world_size": world,
                 "max_rows": data.max_rows,
                 "batch_size": self.batch_size,
-                "latency": [self.latency_batch, self.latency_requests],
+                "latency": [self.latency_batch, self.latency_requests, self.latency_pooling],
             }
         return out
 
@@ -439,7 +442,8 @@ def _strategy(value: Any, path: str) -> str:
 
 class ShardedSource:
     """``sharded = "dir"`` with ``strategies``, ``world_sizes``, ``batch_size`` (rows per rank and step),
-    ``latency = { batch, requests }`` and ``label``: the checkpoint's TorchRec model sharded over
+    ``latency = { batch, requests, pooling }`` (the timed requests: rows per rank, how many, ids per
+    bag) and ``label``: the checkpoint's TorchRec model sharded over
     ``world_size`` processes (gloo on loopback), scored on its test split. Its trials run on the
     ranks (global faults, drawn on the unsharded model, and the spec's ``host_faults``); the spec's
     mitigations other than ``none`` do not apply to it."""
@@ -454,7 +458,7 @@ class ShardedSource:
         t = Table(value, path, keys)
         where = Path(t.get("sharded", string)).expanduser()
         cpu = tuple(s for s in STRATEGIES if s not in GPU_ONLY)
-        latency = Table(value.get("latency", {}), t.key("latency"), ("batch", "requests"))
+        latency = Table(value.get("latency", {}), t.key("latency"), ("batch", "requests", "pooling"))
         return ShardedModel(
             checkpoint=str((base / where).resolve()),
             strategies=t.get("strategies", many(_strategy), cpu),
@@ -462,6 +466,7 @@ class ShardedSource:
             batch_size=t.get("batch_size", integer(1), 256),
             latency_batch=latency.get("batch", integer(1), 128),
             latency_requests=latency.get("requests", integer(1), 30),
+            latency_pooling=latency.get("pooling", integer(1, 4096), 1),
             label=t.get("label", string, None),
         )
 
@@ -473,7 +478,9 @@ class ShardedSource:
         return ""  # known once loaded (the checkpoint's metadata)
 
     def config(self, model_spec: dict) -> dict | None:
-        return {"strategy": model_spec["strategy"], "world_size": model_spec["world_size"]}
+        pooling = int(model_spec["latency"][2])
+        out = {"strategy": model_spec["strategy"], "world_size": model_spec["world_size"]}
+        return {**out, "pooling": pooling} if pooling != 1 else out
 
     def load(self, key: str, model_spec: dict, batch_size: int) -> Evaluation:
         """The unsharded model on the same test rows: the reference a sharded model must equal."""

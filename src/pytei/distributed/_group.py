@@ -312,12 +312,15 @@ class ShardedGroup:
         return Evaluation(logits, self._labels, distinct, applied, seconds, recovery)
 
     def latency(
-        self, *, batch: int = 128, requests: int = 50, fault: HostSlow | None = None
+        self, *, batch: int = 128, requests: int = 50, fault: HostSlow | None = None, pooling: int = 1
     ) -> dict[str, float]:
         """P50 / P99 / mean (ms) of ``requests`` batched inference requests of ``batch`` rows per rank
-        (a request is done when its slowest rank is), with an optional slow host."""
+        (a request is done when its slowest rank is) with ``pooling`` ids per bag (each row's own and
+        random ones of its table: the requests' sparsity), with an optional slow host."""
+        if isinstance(pooling, bool) or not isinstance(pooling, int) or pooling < 1:
+            raise ArgumentError(f"pooling must be an int >= 1 (ids per bag), got {pooling!r}")
         per_rank: list[dict[str, Any]] = [
-            {"requests": requests, "batch": batch} for _ in range(self.world_size)
+            {"requests": requests, "batch": batch, "pooling": pooling} for _ in range(self.world_size)
         ]
         if fault is not None:
             fault.check_world(self.world_size)

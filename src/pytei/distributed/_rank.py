@@ -12,6 +12,7 @@ runs the same number of steps, as the collectives of the sharded lookup need.
 from __future__ import annotations
 
 import hashlib
+import logging
 import math
 import time
 import warnings
@@ -22,7 +23,7 @@ import torch
 
 from ..bits import int_view, layout
 
-__all__ = ["Drawn", "Piece", "RankState"]
+__all__ = ["Drawn", "Piece", "RankState", "pooled", "quiet_notices"]
 
 #: Faults by logical tensor name: global flat indices, XOR masks (int64) and the tensor's shape.
 Drawn = dict[str, tuple[torch.Tensor, torch.Tensor, tuple[int, ...]]]
@@ -45,6 +46,46 @@ def _logical(name: str) -> str:
     return name
 
 
+def pooled(
+    ids: torch.Tensor, field_dims: list[int], pooling: int, generator: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Multi-hot bags of ``pooling`` ids from one-hot ``ids [N, S]``: each row's own id and ``pooling - 1``
+    ids drawn uniformly from its field's vocabulary (``ids [N, S, pooling]``, ``lengths [N, S]``), so
+    timed requests read as many rows as a model with that pooling factor does."""
+    n, s = ids.shape
+    dims = torch.tensor(field_dims, dtype=torch.float64)
+    u = torch.rand(n, s, pooling - 1, generator=generator, dtype=torch.float64)
+    extra = (u * dims.view(1, s, 1)).to(ids.dtype)
+    return torch.cat([ids.unsqueeze(2), extra], 2), torch.full((n, s), pooling, dtype=ids.dtype)
+
+
+#: Notices TorchRec 1.8 and torch 2.13 log once per rank or per table, addressed to TorchRec, not to the
+#: user: TorchRec calls torch.fx.is_fx_tracing (deprecated); data-parallel tables ignore caching and,
+#: replicated, have no sharding spec (TorchRec's planner says so on the root logger).
+_NOTICES = {
+    "torch.fx._symbolic_trace": "is_fx_tracing will return true",
+    "torchrec.distributed.utils": "caching params will be ignored",
+    "": "Sharding spec not found for",
+}
+
+
+class _Drop(logging.Filter):
+    def __init__(self, text: str) -> None:
+        super().__init__()
+        self.text = text
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return self.text not in record.getMessage()
+
+
+def quiet_notices() -> None:
+    """Drop ``_NOTICES`` from their loggers (once per process)."""
+    for name, text in _NOTICES.items():
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _Drop) for f in logger.filters):
+            logger.addFilter(_Drop(text))
+
+
 class RankState:
     """The sharded model on this rank and what a trial does to it."""
 
@@ -57,6 +98,7 @@ class RankState:
         from ..checkpoint import load_checkpoint
         from ._plan import sharding_plan
 
+        quiet_notices()
         self.rank, self.world = rank, world
         ckpt = load_checkpoint(cfg["checkpoint"])
         assert ckpt.data is not None  # loaded with its data
@@ -173,10 +215,23 @@ class RankState:
             self._restore()
         return {"logits": torch.cat(logits), "applied": applied, "distinct": distinct, "seconds": seconds}
 
-    def latency(self, requests: int, batch: int, slow: tuple[float, float, int] | None = None) -> list[float]:
-        """Seconds of each of ``requests`` forward passes of ``batch`` rows (this rank's first rows)."""
+    def latency(
+        self, requests: int, batch: int, slow: tuple[float, float, int] | None = None, pooling: int = 1
+    ) -> list[float]:
+        """Seconds of each of ``requests`` forward passes of ``batch`` rows (this rank's first rows), with
+        ``pooling`` ids per bag (``pooled``)."""
         rows = (torch.arange(batch) + self.rank * batch) % self.n_rows
-        inputs = self.inputs[0] if batch == self.batch else self._inputs_for(rows)
+        if pooling != 1:
+            dense, ids, *rest = (t[rows] for t in self._data.test.inputs)
+            if rest or ids.dim() != 2:
+                raise ValueError(
+                    "pooling applies to one-hot data (ids [N, S]); this data set has multi-hot bags"
+                )
+            gen = torch.Generator().manual_seed(self.rank)
+            multi, lengths = pooled(ids, list(self._data.field_dims), pooling, gen)
+            inputs = self._data.model_inputs((dense, multi, lengths))
+        else:
+            inputs = self.inputs[0] if batch == self.batch else self._inputs_for(rows)
         try:
             self._set_slow(slow)
             out = []

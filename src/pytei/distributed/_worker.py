@@ -8,7 +8,6 @@ the parent's rank server (``multiprocessing``'s forkserver), which ends when the
 
 from __future__ import annotations
 
-import logging
 import os
 import signal
 import traceback
@@ -31,9 +30,6 @@ def main(rank: int, world: int, port: int, conn: Any, cfg: dict[str, Any], paren
     import torch.distributed as dist
 
     torch.set_num_threads(int(cfg.get("threads", 1)))
-    # TorchRec 1.8 calls torch.fx.is_fx_tracing, which torch 2.13 answers with a deprecation notice
-    # addressed to TorchRec, once per rank: not the user's to act on.
-    logging.getLogger("torch.fx._symbolic_trace").setLevel(logging.ERROR)
     os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
     try:
         dist.init_process_group(

@@ -21,7 +21,6 @@ starts them again and the campaign resumes from its database (each trial exactly
 from __future__ import annotations
 
 import contextlib
-import logging
 import os
 import sys
 import traceback
@@ -116,9 +115,6 @@ def run(command: Callable[[], int]) -> int:
     global _SESSION
     import torch.distributed as dist
 
-    # TorchRec 1.8 calls torch.fx.is_fx_tracing, which torch 2.13 answers with a deprecation notice
-    # addressed to TorchRec, once per rank: not the user's to act on.
-    logging.getLogger("torch.fx._symbolic_trace").setLevel(logging.ERROR)
     timeout = float(os.environ.get(TIMEOUT_VARIABLE, _TIMEOUT))
     # The launcher's store outlives a restart (torchrun shares its rendezvous store with the workers),
     # so a restarted process would read the addresses of the processes it replaces: its keys go under

@@ -24,11 +24,12 @@ def _config(config: Any) -> dict[str, Any]:
 
 
 def _strategy(trials: pd.DataFrame) -> pd.Series:
-    """``table_wise x2``: the strategy and the world size of each trial."""
+    """``table_wise x2``: the strategy and the world size of each trial (and its requests' pooling)."""
 
     def one(config: Any) -> str:
         c = _config(config)
-        return f"{c.get('strategy', '?')} x{c.get('world_size', '?')}"
+        pooling = f" pooling {c['pooling']}" if c.get("pooling", 1) != 1 else ""
+        return f"{c.get('strategy', '?')} x{c.get('world_size', '?')}{pooling}"
 
     return trials["model_config"].map(one)
 
