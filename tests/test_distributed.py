@@ -11,6 +11,7 @@ import subprocess
 import sys
 import textwrap
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -19,6 +20,7 @@ pytest.importorskip("torchrec")
 
 import pytei  # noqa: E402
 from pytei import BitFlip, data, models  # noqa: E402
+from pytei.campaign.store import Store  # noqa: E402
 from pytei.checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
 from pytei.distributed import (  # noqa: E402
     DistributedError,
@@ -167,6 +169,23 @@ def test_a_slow_host_adds_latency_and_changes_no_output(group):
     fast = group.latency(batch=BATCH, requests=8)
     slow = group.latency(batch=BATCH, requests=8, fault=HostSlow(1, 20.0))
     assert slow["p50_ms"] >= 20.0 > fast["p50_ms"] and slow["p99_ms"] >= slow["p50_ms"]
+    pooled8 = group.latency(batch=BATCH, requests=2, pooling=8, fault=HostSlow(0, 20.0))  # sparser requests
+    assert pooled8["p50_ms"] >= 20.0
+    with pytest.raises(ArgumentError, match="pooling must be an int >= 1"):
+        group.latency(pooling=0)
+
+
+def test_pooled_requests_keep_each_row_id_and_draw_the_rest_in_its_field():
+    from pytei.distributed._rank import pooled
+
+    ids = torch.tensor([[3, 0], [9, 4]])
+    multi, lengths = pooled(ids, [10, 5], 6, torch.Generator().manual_seed(0))
+    assert multi.shape == (2, 2, 6) and multi.dtype == ids.dtype and (lengths == 6).all()
+    assert torch.equal(multi[:, :, 0], ids)  # each row's own id first
+    assert (multi[:, 0] < 10).all() and (multi[:, 1] < 5).all() and (multi >= 0).all()
+    again, _ = pooled(ids, [10, 5], 6, torch.Generator().manual_seed(0))
+    assert torch.equal(multi, again)  # seeded
+    assert torch.equal(pooled(ids, [10, 5], 1, torch.Generator())[0][:, :, 0], ids)
 
 
 def test_parity_rebuilds_xor_exactly_and_sums_within_rounding():
@@ -288,6 +307,8 @@ def test_the_study_stores_each_trial_once_and_survives_a_killed_rank(checkpoints
     assert (slow["p50_ms"] >= sizes.slow_ms).all() and (slow["blast_samples"] == 0).all()
     again = study.run_study(checkpoints[0], db, sizes, stale=checkpoints[1])
     assert sorted(again["trial_id"]) == sorted(first["trial_id"])  # nothing run twice, nothing lost
+    with Store(db, create=False, readonly=True) as store:  # both models' contents bind the database
+        assert set(store.fingerprints()) == {str(Path(c).resolve()) for c in checkpoints}
     md = write_report(again, tmp_path / "report", extras={"distributed": again}, sections=("distributed",))
     text = md.read_text()
     assert "## 1. Distributed inference" in text and "| table_wise x2 | HostLoss(fill=zeros) |" in text
