@@ -177,11 +177,34 @@ def test_a_database_in_a_read_only_folder_can_be_read(tmp_path: Path) -> None:
 # --- 4. two runners on one database cooperate ----------------------------------------------------
 
 
+#: A sitecustomize that holds each process at start until both have started: the two runners then
+#: import pytei and reach the database together, whatever the machine's load.
+BARRIER = """
+import os, pathlib, time
+
+where = os.environ.get("PYTEI_TEST_BARRIER")
+if where:
+    pathlib.Path(where, str(os.getpid())).touch()
+    deadline = time.monotonic() + 60
+    while len(os.listdir(where)) < 2 and time.monotonic() < deadline:
+        time.sleep(0.01)
+"""
+
+
 def test_two_campaign_runs_on_one_database_share_the_trials(tmp_path: Path) -> None:
     path = write_spec(tmp_path, runs=150)
     db = tmp_path / "shared.db"
     args = [sys.executable, "-m", "pytei.cli", "campaign", "run", str(path), "--db", str(db)]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    (tmp_path / "site").mkdir()
+    (tmp_path / "site" / "sitecustomize.py").write_text(BARRIER)
+    (tmp_path / "barrier").mkdir()
+    site = os.pathsep.join([str(tmp_path / "site"), os.environ.get("PYTHONPATH", "")])
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "PYTHONPATH": site,
+        "PYTEI_TEST_BARRIER": str(tmp_path / "barrier"),
+    }
     procs = [subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)]
     procs.append(subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env))
     outs = [p.communicate(timeout=60) for p in procs]

@@ -219,6 +219,15 @@ def test_bad_requests_are_clear_errors(checkpoints):
         HostLoss(2).check_world(2)
 
 
+def test_a_model_without_torchrec_tables_is_refused_before_any_rank_starts(tmp_path):
+    dataset = data.load("synthetic-ctr", layout="dense+sparse", **OPTIONS)
+    fm = save_checkpoint(tmp_path / "fm", models.create("fm", field_dims=dataset.field_dims), dataset)
+    group = ShardedGroup(fm, "table_wise", 2)
+    with pytest.raises(ArgumentError, match="holds 'fm', which has no float TorchRec EmbeddingBagCollection"):
+        group.start()
+    assert group.pids == []
+
+
 def test_a_killed_rank_fails_the_trial_with_a_clear_error_and_leaves_no_process(checkpoints):
     g = ShardedGroup(checkpoints[0], "table_wise", 2, batch_size=BATCH, timeout=30)
     g.start()

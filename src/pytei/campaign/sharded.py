@@ -72,18 +72,10 @@ class ShardedRunner:
         self.where = trial.model.rsplit(":", 1)[-1]  # table_wise x2 (pooling 8)
         self.latency_batch, self.latency_requests, self.pooling = (int(v) for v in spec["latency"])
         self.group: ShardedGroup | None = None
-        self._start()
         self.trials_since_check = 0
-
-    def _start(self) -> ShardedGroup:
-        """The running group (started now if a failure closed it); the clean outputs, latency and digests
-        are measured on the first start only (a restarted group holds the same model)."""
-        if self.group is not None:
-            return self.group
-        group = self._make()
-        group.start()
-        self.group = group
-        if not hasattr(self, "clean"):
+        self._scorers: dict[tuple[str, ...], tuple[metrics.Scorer, dict[str, float]]] = {}
+        group = self._start()
+        try:  # measured once: a group started again after a failure holds the same model
             base = group.evaluate()
             self.clean, self.labels = base.logits, base.labels
             latency = group.latency(
@@ -91,8 +83,17 @@ class ShardedRunner:
             )
             self.base_latency = {f"baseline_{k}": v for k, v in latency.items() if k != "mean_ms"}
             self.digests = group.digests()
-            self._scorers: dict[tuple[str, ...], tuple[metrics.Scorer, dict[str, float]]] = {}
-        return group
+        except BaseException:
+            self.close()
+            raise
+
+    def _start(self) -> ShardedGroup:
+        """The running group (started now if a failure closed it)."""
+        if self.group is None:
+            group = self._make()
+            group.start()
+            self.group = group
+        return self.group
 
     def close(self) -> None:
         if self.group is not None:

@@ -117,6 +117,7 @@ class ShardedGroup:
     def start(self) -> None:
         """Start the ranks and wait until each holds its shards."""
         from ..checkpoint import load_checkpoint
+        from ..torchrec import require
         from ._worker import main
         from .launch import active
 
@@ -126,8 +127,17 @@ class ShardedGroup:
                 f"this launch has {self._session.world} processes (torchrun --nnodes x --nproc-per-node), "
                 f"so it serves sharded models of world size {self._session.world}, not {self.world_size}"
             )
+        require("sharded inference (pytei.distributed)")
+        from torchrec.modules.embedding_modules import EmbeddingBagCollection
+
         ckpt = load_checkpoint(self.checkpoint)
         assert ckpt.data is not None  # loaded with its data
+        if not any(isinstance(m, EmbeddingBagCollection) for m in ckpt.model.modules()):
+            raise ArgumentError(
+                f"checkpoint {str(self.checkpoint)!r} holds {ckpt.meta['model']['name']!r}, which has no "
+                "float TorchRec EmbeddingBagCollection to shard (train dlrm-torchrec or dcnv2; quantized "
+                "tables are not sharded)"
+            )
         self._model = ckpt.model.eval()
         rows = len(ckpt.data.test) if self.cfg["test_rows"] is None else int(self.cfg["test_rows"])
         self._labels = ckpt.data.test.labels[: min(rows, len(ckpt.data.test))]
