@@ -220,8 +220,9 @@ def test_bad_requests_are_clear_errors(checkpoints):
 
 
 def test_a_model_without_torchrec_tables_is_refused_before_any_rank_starts(tmp_path):
-    dataset = data.load("synthetic-ctr", layout="dense+sparse", **OPTIONS)
-    fm = save_checkpoint(tmp_path / "fm", models.create("fm", field_dims=dataset.field_dims), dataset)
+    dataset = data.load("synthetic-ctr", **OPTIONS)
+    model = models.create("fm", field_dims=dataset.field_dims)
+    fm = save_checkpoint(tmp_path / "fm", model, dataset, data_options=OPTIONS)
     group = ShardedGroup(fm, "table_wise", 2)
     with pytest.raises(ArgumentError, match="holds 'fm', which has no float TorchRec EmbeddingBagCollection"):
         group.start()
