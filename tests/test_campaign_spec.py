@@ -678,6 +678,18 @@ BAD_SHARDED = [
         ["unknown sharding strategy", "table_wise"],
     ),
     ("world_sizes = [2, 4]", "world_sizes = [0]", "models[0].world_sizes[0]", ["int in 1..64"]),
+    (
+        HOSTS,
+        '    { name = "HostLoss", hosts = 3 },',
+        "host_faults[3]",
+        ["hosts 3 is larger than the world of 2"],
+    ),
+    (
+        HOSTS,
+        '    { name = "HostLoss", replicas = 3 },',
+        "host_faults[3]",
+        ["replicas needs recover='replica'"],
+    ),
     ("world_sizes = [2, 4]", "latency = { batch = 0 }", "models[0].latency.batch", [">= 1"]),
     ("world_sizes = [2, 4]", "hosts = 2", "models[0].hosts", ["allowed: sharded, strategies"]),
     ("[errors]", '[data]\nsplit = "valid"\n[errors]', "data.split", ["models[0] is sharded", "test split"]),

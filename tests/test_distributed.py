@@ -323,7 +323,7 @@ def test_the_study_stores_each_trial_once_and_survives_a_killed_rank(checkpoints
     text = md.read_text()
     assert "## 1. Distributed inference" in text and "| table_wise x2 | HostLoss(fill=zeros) |" in text
     assert "| table_wise x2 | none | - | " in text  # the fault-free row, with its latency
-    assert "| table_wise x2 | xor | 2 | " in text
+    assert "| table_wise x2 | HostLoss(fill=zeros) | xor | 2 | " in text
     assert (tmp_path / "report" / "fig-distributed-auc-loss.png").is_file()
 
 
@@ -421,7 +421,7 @@ def test_torchrun_runs_a_campaign_that_survives_a_dead_rank_and_matches_the_unsh
     assert (rebuilt["rebuilt_exactly"] == 1).all() and (rebuilt["auc"] == rebuilt["baseline_auc"]).all()
     assert main(["report", str(db), "--out", str(tmp_path / "report")]) == 0
     text = (tmp_path / "report" / "report.md").read_text()
-    assert "Distributed inference" in text and "| column_wise x2 | xor | 2 |" in text
+    assert "Distributed inference" in text and "| column_wise x2 | HostLoss(fill=zeros) | xor | 2 |" in text
     assert "HostSDC" not in text.split("Distributed inference")[0]  # host trials: that section only
 
 
@@ -437,10 +437,43 @@ def test_parity_groups_rebuild_a_lost_host_from_its_group_only():
     total = sum(sizes)
     for rank in range(4):
         whole, info = group._lost(HostLoss(rank, recover="xor"))
-        assert torch.equal(whole["bytes"], blocks[rank]) and info["exact"]
+        assert torch.equal(whole[rank]["bytes"], blocks[rank]) and info["exact"]
         assert info["storage_overhead"] == 40 / total and info["method"] == "xor"
         pairs, info = group._lost(HostLoss(rank, recover="xor", group=2))
-        assert torch.equal(pairs["bytes"], blocks[rank]) and info["exact"] and info["method"] == "xor/g2"
+        assert torch.equal(pairs[rank]["bytes"], blocks[rank]) and info["exact"]
+        assert info["method"] == "xor/g2"
         assert info["storage_overhead"] == (40 + 30) / total  # groups {0, 1} and {2, 3}
     with pytest.raises(ArgumentError, match="group 8 is larger than the world of 4"):
         HostLoss(0, recover="xor", group=8).check_world(4)
+
+
+def test_hosts_lost_together_come_back_only_where_the_survivors_hold_what_they_need():
+    """Two hosts (1 and 2 of 4) lost at once: one parity block rebuilds one host of its group, and a host
+    comes back from a replica only while a host holding a copy of it survives."""
+    group = ShardedGroup.__new__(ShardedGroup)
+    group.world_size = 4
+    gen = torch.Generator().manual_seed(1)
+    blocks = [torch.randint(0, 256, (n,), dtype=torch.uint8, generator=gen) for n in (40, 10, 30, 20)]
+    group._blocks = {"bytes": blocks}
+
+    def served(**how):
+        out, info = group._lost(HostLoss(1, hosts=2, **how))
+        return {r: ("rebuilt" if "bytes" in v and torch.equal(v["bytes"], blocks[r]) else v.get("fill"))
+                for r, v in out.items()}, info  # fmt: skip
+
+    assert HostLoss(1, hosts=2).lost(4) == [1, 2] and HostLoss(3, hosts=2).lost(4) == [3, 0]
+    everyone, info = served(recover="xor")  # one group of 4 hosts: two losses, one parity block
+    assert everyone == {1: "zeros", 2: "zeros"} and info["recovered"] == 0 and info["exact"] is None
+    pairs, info = served(recover="xor", group=2)  # groups {0, 1} and {2, 3}: one loss each
+    assert pairs == {1: "rebuilt", 2: "rebuilt"} and info["recovered"] == 1 and info["exact"]
+    two, info = served(recover="replica", fill="mean")  # host 1's copy is on host 2 (lost), 2's on 3
+    assert two == {1: "mean", 2: "rebuilt"} and info["recovered"] == 0.5 and info["storage_overhead"] == 1
+    three, info = served(recover="replica", replicas=3)  # host 1's copies on 2 and 3
+    assert three == {1: "rebuilt", 2: "rebuilt"} and info["storage_overhead"] == 2
+    assert HostLoss(1, hosts=2, recover="replica", replicas=3).recovery == "replica x3"
+    assert HostLoss(1, hosts=2).label == "HostLoss(rank=1, fill=zeros, hosts=2)"
+    assert HostLoss(1).label == "HostLoss(rank=1, fill=zeros)"
+    with pytest.raises(ArgumentError, match="hosts 5 is larger than the world of 4"):
+        HostLoss(0, hosts=5).check_world(4)
+    with pytest.raises(ArgumentError, match="replicas needs recover='replica'"):
+        HostLoss(0, replicas=3)

@@ -10,8 +10,8 @@ raw logits against the test labels, as for any model), plus what distributed inf
   share of the tables with a shard on the faulty host;
 * ``p50_ms`` / ``p99_ms``: latency of batched requests under a slow host; ``baseline_p50_ms`` /
   ``baseline_p99_ms``: without faults (every trial carries them);
-* for a lost host rebuilt before it serves: ``storage_overhead``, ``rebuild_ms`` and
-  ``rebuilt_exactly``.
+* for a lost host rebuilt before it serves: ``storage_overhead``, ``rebuild_ms``, ``rebuilt_exactly``
+  and ``recovered_share`` (of the hosts lost together, those the survivors could rebuild).
 
 A rank that dies fails the trial in flight (its row says which rank); the next trial starts the
 group afresh. Under ``torchrun`` (``pytei.distributed.launch``) a dead rank stops the campaign
@@ -149,7 +149,8 @@ class ShardedRunner:
                 )
             ev = group.evaluate(fault=fault, seed=trial.seed)
             tables = group.all_tables()
-            extra["blast_tables"] = len(group.tables_on(fault.rank)) / len(tables) if tables else 0.0
+            hit = {t for r in fault.lost(group.world_size) for t in group.tables_on(r)}
+            extra["blast_tables"] = len(hit) / len(tables) if tables else 0.0
         elif trial.site == "weights":
             ev = group.evaluate(build_error(trial), seed=trial.seed, **trial.target_spec)
         else:
@@ -166,7 +167,9 @@ class ShardedRunner:
         if ev.recovery:
             values["storage_overhead"] = float(ev.recovery["storage_overhead"])
             values["rebuild_ms"] = float(ev.recovery["rebuild_s"]) * 1e3
-            values["rebuilt_exactly"] = float(ev.recovery["exact"])
+            exact = ev.recovery["exact"]
+            values["rebuilt_exactly"] = float("nan") if exact is None else float(exact)
+            values["recovered_share"] = float(ev.recovery["recovered"])
         return trial_row(
             trial,
             started,

@@ -42,7 +42,8 @@ Semantics a reader of a spec needs to know:
   ``test``), gets the spec's error points at the ``weights`` site with the mitigation ``none`` (drawn
   on the unsharded model, so every strategy receives the same faults), and the ``host_faults``:
   registered host faults (``pytei.distributed.faults.host_faults``: ``"HostSDC"``, ``{ name =
-  "HostLoss", fill = "mean", recover = "xor", group = 2 }``, ``{ name = "HostStale", checkpoint =
+  "HostLoss", fill = "mean", recover = "xor", group = 2 }``, ``{ name = "HostLoss", hosts = 2,
+  recover = "replica", replicas = 3 }``, ``{ name = "HostStale", checkpoint =
   "dir" }``, ``{ name = "HostSlow", delay_ms = 5 }``), each on every rank (or its ``ranks`` that exist
   in a world), at the ``host`` site. HostSDC is swept over the ``[errors]`` points and runs, HostSlow
   over the runs; the others are planned once (run 0): their outcome does not depend on the seed.
@@ -617,7 +618,18 @@ def _check_sharded(
             f'"none", and its host_faults; with sites = {list(sites)}, mitigations = '
             f"{[m.label for m in mitigations]} and no host_faults it would get no trial",
         )
-    widest = max((max(models[i].world_sizes) for i in sharded), default=0)
+    worlds = sorted({w for i in sharded for w in models[i].world_sizes})
+    for k, h in enumerate(chosen):  # options that depend on the world (a parity group, hosts lost)
+        cls = host_faults.get(h.name)
+        fault = cls(rank=0, **dict(h.options), **({"error": errors.BitFlip(0.0)} if cls.takes_error else {}))
+        for world in worlds:
+            try:
+                fault.check_world(world)
+            except ArgumentError as err:
+                raise SpecError(
+                    f"host_faults[{k}]", f"{err} (a sharded model has world size {world})"
+                ) from err
+    widest = max(worlds, default=0)
     for k, h in enumerate(chosen):
         if h.ranks is not None and min(h.ranks) >= widest:
             raise SpecError(

@@ -291,7 +291,9 @@ class ShardedGroup:
                 faults = self.draw(fault.error, seed, **select)
                 per_rank = [{"faults": faults, "on_ranks": [fault.rank]} for _ in range(self.world_size)]
             elif isinstance(fault, HostLoss):
-                here["overwrite"], recovery = self._lost(fault)
+                served, recovery = self._lost(fault)
+                for r, how in served.items():
+                    per_rank[r]["overwrite"] = how
             elif isinstance(fault, HostStale):
                 here["overwrite"] = {"stale": self._stale_tables(fault.checkpoint)}
             elif isinstance(fault, HostSlow):
@@ -378,37 +380,51 @@ class ShardedGroup:
             self._blocks[kind] = self._gather(command)
         return self._blocks[kind]
 
-    def _lost(self, fault: HostLoss) -> tuple[dict[str, Any], dict[str, Any]]:
-        """What the lost rank serves: ``fill``, or its shards rebuilt by ``recover`` (and what that cost)."""
+    def _lost(self, fault: HostLoss) -> tuple[dict[int, dict[str, Any]], dict[str, Any]]:
+        """What each lost rank serves: its shards rebuilt by ``recover`` where the survivors hold what that
+        needs, else ``fill``; and what the recovery cost."""
+        lost = fault.lost(self.world_size)
         if fault.recover is None:
-            return {"fill": fault.fill}, {}
-        r = fault.rank
-        if fault.recover == "replica":  # every host's shards have a copy on another host: twice the storage
-            data = self.blocks("bytes")
-            return {"bytes": data[r]}, {
-                "method": fault.recovery,
-                "storage_overhead": 1.0,
-                "rebuild_s": 0.0,
-                "exact": True,
-            }
-        kind = "bytes" if fault.recover == "xor" else "values"
+            return {r: {"fill": fault.fill} for r in lost}, {}
+        kind = "values" if fault.recover == "sum" else "bytes"
         data = self.blocks(kind)
-        g = fault.group or self.world_size
-        groups = [list(range(k, min(k + g, self.world_size))) for k in range(0, self.world_size, g)]
-        members = next(m for m in groups if r in m)
-        encode, rebuild = (xor_parity, xor_rebuild) if kind == "bytes" else (sum_parity, sum_rebuild)
-        parity = encode([data[i] for i in members])  # held by a host outside the group, built while healthy
-        t0 = time.perf_counter()
-        rebuilt = rebuild(parity, [data[i] for i in members if i != r], data[r].numel())
-        seconds = time.perf_counter() - t0
         total = sum(b.numel() for b in data)
-        stored = sum(max(data[i].numel() for i in m) for m in groups)  # one parity block per group
-        info = {
+        served: dict[int, dict[str, Any]] = {}
+        exact: list[bool] = []
+        t0 = time.perf_counter()
+        if fault.recover == "replica":  # copies of host r on hosts r+1 .. r+k-1
+            stored = float(fault.replicas - 1)
+            for r in lost:
+                copies = [(r + j) % self.world_size for j in range(1, fault.replicas)]
+                alive = [c for c in copies if c not in lost]
+                served[r] = {"bytes": data[r]} if alive else {"fill": fault.fill}
+                exact += [True] if alive else []
+        else:
+            g = fault.group or self.world_size
+            groups = [list(range(k, min(k + g, self.world_size))) for k in range(0, self.world_size, g)]
+            stored = sum(max(data[i].numel() for i in m) for m in groups) / total if total else 0.0
+            encode, rebuild = (xor_parity, xor_rebuild) if kind == "bytes" else (sum_parity, sum_rebuild)
+            for r in lost:
+                members = next(m for m in groups if r in m)
+                if any(i in lost for i in members if i != r):  # one parity block rebuilds one host
+                    served[r] = {"fill": fault.fill}
+                    continue
+                parity = encode([data[i] for i in members])  # kept outside the group, built while healthy
+                rebuilt = rebuild(parity, [data[i] for i in members if i != r], data[r].numel())
+                served[r] = {kind: rebuilt}
+                check = rebuilt.view(torch.uint8) if kind == "bytes" else rebuilt
+                exact.append(bool(torch.equal(check, data[r])))
+        seconds = time.perf_counter() - t0
+        info: dict[str, Any] = {
             "method": fault.recovery,
-            "storage_overhead": stored / total if total else 0.0,
+            "storage_overhead": stored,
             "rebuild_s": seconds,
-            "exact": bool(torch.equal(rebuilt.view(torch.uint8) if kind == "bytes" else rebuilt, data[r])),
+            "exact": all(exact) if exact else None,  # None: no host could be rebuilt
+            "recovered": len(exact) / len(lost),
         }
         if kind == "values":
-            info["max_abs_error"] = float((rebuilt - data[r]).abs().max()) if rebuilt.numel() else 0.0
-        return {kind: rebuilt}, info
+            errors = [
+                float((served[r]["values"] - data[r]).abs().max()) for r in lost if "values" in served[r]
+            ]
+            info["max_abs_error"] = max(errors, default=0.0)
+        return served, info

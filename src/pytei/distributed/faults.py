@@ -63,6 +63,8 @@ class HostFault:
     paths: ClassVar[tuple[str, ...]] = ()
     #: Options a label leaves out (kept elsewhere in a result, or too long to name a fault by).
     unlabelled: ClassVar[tuple[str, ...]] = ("error", "recover", "checkpoint")
+    #: Options a label shows only when they are not at their default.
+    quiet: ClassVar[tuple[str, ...]] = ()
 
     @property
     def label(self) -> str:
@@ -74,8 +76,10 @@ class HostFault:
         """The ``label`` of the fault ``options`` describe (``rank`` and its options; defaults filled in)."""
         shown = [f"rank={options['rank']}"]
         for f in fields(cls):  # every subclass is a dataclass
-            if f.name != "rank" and f.name not in cls.unlabelled:
-                shown.append(f"{f.name}={_short(options.get(f.name, f.default))}")
+            value = options.get(f.name, f.default)
+            if f.name == "rank" or f.name in cls.unlabelled or (f.name in cls.quiet and value == f.default):
+                continue
+            shown.append(f"{f.name}={_short(value)}")
         return f"{cls.__name__}({', '.join(shown)})"
 
     @property
@@ -92,6 +96,10 @@ class HostFault:
     def __post_init__(self) -> None:
         if isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank < 0:
             raise ArgumentError(f"{type(self).__name__}.rank must be an int >= 0, got {self.rank!r}")
+
+    def lost(self, world_size: int) -> list[int]:
+        """The ranks the fault is on (its blast: tables with a shard there)."""
+        return [self.rank]
 
     def check_world(self, world_size: int) -> None:
         """An ``ArgumentError`` unless ``rank`` is a rank of a group of ``world_size``."""
@@ -122,8 +130,14 @@ class HostLoss(HostFault):
     group: int | None = None
     """Hosts per parity group (ECRM): consecutive ranks ``[k g, (k + 1) g)`` share one parity block
     kept on a host outside the group; None: every host in one group."""
+    hosts: int = 1
+    """Hosts lost at once: ``rank`` and the next ``hosts - 1`` ranks (modulo the world)."""
+    replicas: int = 2
+    """Copies of every host's shards with ``recover="replica"`` (its own and ``replicas - 1`` on the next
+    hosts): a lost host comes back while one of its copies is on a host that is not lost."""
 
-    unlabelled: ClassVar[tuple[str, ...]] = ("recover", "group")
+    unlabelled: ClassVar[tuple[str, ...]] = ("recover", "group", "replicas")
+    quiet: ClassVar[tuple[str, ...]] = ("hosts",)
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -133,26 +147,36 @@ class HostLoss(HostFault):
             raise ArgumentError(
                 f"unknown HostLoss recovery {self.recover!r}; allowed: {', '.join(RECOVERIES)} (or none)"
             )
-        if self.group is not None:
-            if isinstance(self.group, bool) or not isinstance(self.group, int) or self.group < 2:
-                raise ArgumentError(
-                    f"HostLoss.group must be an int >= 2 (hosts per parity group), got {self.group!r}"
-                )
-            if self.recover not in ("xor", "sum"):
-                raise ArgumentError(
-                    f"HostLoss.group is a parity group: it needs recover='xor' or 'sum', got {self.recover!r}"
-                )
+        for name, low in (("group", 2), ("hosts", 1), ("replicas", 2)):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < low):
+                raise ArgumentError(f"HostLoss.{name} must be an int >= {low}, got {value!r}")
+        if self.group is not None and self.recover not in ("xor", "sum"):
+            raise ArgumentError(
+                f"HostLoss.group is a parity group: it needs recover='xor' or 'sum', got {self.recover!r}"
+            )
+        if self.replicas != 2 and self.recover != "replica":
+            raise ArgumentError(f"HostLoss.replicas needs recover='replica', got {self.recover!r}")
 
     @classmethod
     def recovery_of(cls, options: Mapping[str, Any]) -> str:
-        if not options.get("recover"):
+        recover = options.get("recover")
+        if not recover:
             return "none"
-        return str(options["recover"]) + (f"/g{options['group']}" if options.get("group") else "")
+        if recover == "replica":
+            return f"replica x{options['replicas']}" if options.get("replicas", 2) != 2 else "replica"
+        return str(recover) + (f"/g{options['group']}" if options.get("group") else "")
+
+    def lost(self, world_size: int) -> list[int]:
+        """The ranks lost together: ``rank`` and the ``hosts - 1`` after it."""
+        return [(self.rank + i) % world_size for i in range(self.hosts)]
 
     def check_world(self, world_size: int) -> None:
         super().check_world(world_size)
-        if self.group is not None and self.group > world_size:
-            raise ArgumentError(f"HostLoss.group {self.group} is larger than the world of {world_size} hosts")
+        for name in ("group", "hosts", "replicas"):
+            value = getattr(self, name)
+            if value is not None and value > world_size:
+                raise ArgumentError(f"HostLoss.{name} {value} is larger than the world of {world_size} hosts")
 
 
 @dataclass(frozen=True)

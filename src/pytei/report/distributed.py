@@ -47,7 +47,7 @@ def _fault(label: str, site: str, rate: float) -> str:
 #: Metrics of sharded trials that only some faults have (``pytei.campaign.sharded``).
 _MEASURED = (
     "blast_samples", "blast_tables", "p50_ms", "p99_ms", "baseline_p50_ms", "baseline_p99_ms",
-    "storage_overhead", "rebuild_ms", "rebuilt_exactly",
+    "storage_overhead", "rebuild_ms", "rebuilt_exactly", "recovered_share",
 )  # fmt: skip
 
 
@@ -94,17 +94,19 @@ def fault_summary(trials: pd.DataFrame) -> pd.DataFrame:
 
 
 def recovery_summary(trials: pd.DataFrame) -> pd.DataFrame:
-    """Per strategy and recovery of a lost host: storage overhead, rebuild time, whether the shards came
-    back bit for bit, and the AUC after recovery against the fault-free baseline."""
+    """Per strategy, loss (one host or several) and recovery: storage overhead, rebuild time, whether the
+    shards came back bit for bit, the share of lost hosts rebuilt, and the AUC after recovery against
+    the fault-free baseline."""
     ok = _prepared(trials)
     ok = ok[ok["mitigation"] != "none"]
     return (
-        ok.groupby(["strategy", "mitigation"], sort=False)
+        ok.groupby(["strategy", "fault", "mitigation"], sort=False)
         .agg(
             trials=("trial_id", "size"),
             overhead=("storage_overhead", "mean"),
             rebuild=("rebuild_ms", "mean"),
             exact=("rebuilt_exactly", "mean"),
+            recovered=("recovered_share", "mean"),
             loss=("loss", "max"),
             samples=("blast_samples", "mean"),
         )
@@ -126,11 +128,13 @@ _FAULTS = {
 }
 _RECOVERY = {
     "strategy": "strategy",
+    "fault": "lost",
     "mitigation": "recovery",
     "trials": "trials",
     "overhead": "storage overhead",
     "rebuild": "rebuild ms",
     "exact": "bit-exact share",
+    "recovered": "hosts rebuilt",
     "loss": "AUC loss after (worst)",
     "samples": "samples changed",
 }
