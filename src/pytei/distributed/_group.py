@@ -37,6 +37,16 @@ class DistributedError(PyteiError, RuntimeError):
     """A rank died or failed during a command; the group is closed (a new one starts afresh)."""
 
 
+def _remote(what: str, detail: str) -> DistributedError:
+    """The error of a rank whose command raised: ``what`` and the rank's exception (the last line of its
+    traceback), the whole traceback attached as a note (shown with the local one)."""
+    lines = [line for line in str(detail).strip().splitlines() if line.strip()]
+    err = DistributedError(f"{what}: {lines[-1].strip() if lines else 'no detail'}")
+    if hasattr(err, "add_note"):  # Python >= 3.11
+        err.add_note(f"the rank's traceback:\n{detail}")
+    return err
+
+
 @dataclass
 class Evaluation:
     """Logits of the scored test rows (in row order) under one trial, and what it cost."""
@@ -234,7 +244,7 @@ class ShardedGroup:
                 if name == "start":
                     self._running = False
                 where = f"of {self.world_size} ({self.strategy}, launched)"
-                raise DistributedError(f"rank {rank} {where} failed during {name!r}:\n{value}")
+                raise _remote(f"rank {rank} {where} failed during {name!r}", value)
         return [value for _, value in answers]
 
     def _fail(self, rank: int, name: str, detail: str | None) -> None:
@@ -249,8 +259,9 @@ class ShardedGroup:
         if dead:
             ranks = ", ".join(f"rank {r} {where} died (exit code {code})" for r, code in dead)
             raise DistributedError(f"{ranks} during {name!r}; the trial failed")
-        what = "stopped answering" if detail is None else f"failed:\n{detail}"
-        raise DistributedError(f"rank {rank} {where} {what} during {name!r}")
+        if detail is None:
+            raise DistributedError(f"rank {rank} {where} stopped answering during {name!r}")
+        raise _remote(f"rank {rank} {where} failed during {name!r}", detail)
 
     # --- trials -----------------------------------------------------------------------------------
 

@@ -100,7 +100,16 @@ class RankState:
 
         quiet_notices()
         self.rank, self.world = rank, world
-        ckpt = load_checkpoint(cfg["checkpoint"])
+        try:  # every rank says whether it could load before any collective (a missing copy on one
+            ckpt, problem = load_checkpoint(cfg["checkpoint"]), None  # machine would leave the rest waiting)
+        except Exception as err:
+            problem = f"{type(err).__name__}: {err}"
+        problems: list[Any] = [None] * world
+        dist.all_gather_object(problems, problem)
+        failed = [(r, p) for r, p in enumerate(problems) if p]
+        if failed:
+            r, p = failed[0]
+            raise RuntimeError(f"rank {r} cannot load the checkpoint {cfg['checkpoint']}: {p}")
         assert ckpt.data is not None  # loaded with its data
         # The clean tensors, kept while their slices are copied: sharding replaces the collections.
         full = {k: v.detach().clone() for k, v in ckpt.model.state_dict().items()}
