@@ -12,7 +12,6 @@ runs the same number of steps, as the collectives of the sharded lookup need.
 from __future__ import annotations
 
 import hashlib
-import logging
 import math
 import time
 import warnings
@@ -23,7 +22,7 @@ import torch
 
 from ..bits import int_view, layout
 
-__all__ = ["Drawn", "Piece", "RankState", "pooled", "quiet_notices"]
+__all__ = ["Drawn", "Piece", "RankState", "pooled"]
 
 #: Faults by logical tensor name: global flat indices, XOR masks (int64) and the tensor's shape.
 Drawn = dict[str, tuple[torch.Tensor, torch.Tensor, tuple[int, ...]]]
@@ -59,33 +58,6 @@ def pooled(
     return torch.cat([ids.unsqueeze(2), extra], 2), torch.full((n, s), pooling, dtype=ids.dtype)
 
 
-#: Notices TorchRec 1.8 and torch 2.13 log once per rank or per table, addressed to TorchRec, not to the
-#: user: TorchRec calls torch.fx.is_fx_tracing (deprecated); data-parallel tables ignore caching and,
-#: replicated, have no sharding spec (TorchRec's planner says so on the root logger).
-_NOTICES = {
-    "torch.fx._symbolic_trace": "is_fx_tracing will return true",
-    "torchrec.distributed.utils": "caching params will be ignored",
-    "": "Sharding spec not found for",
-}
-
-
-class _Drop(logging.Filter):
-    def __init__(self, text: str) -> None:
-        super().__init__()
-        self.text = text
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return self.text not in record.getMessage()
-
-
-def quiet_notices() -> None:
-    """Drop ``_NOTICES`` from their loggers (once per process)."""
-    for name, text in _NOTICES.items():
-        logger = logging.getLogger(name)
-        if not any(isinstance(f, _Drop) for f in logger.filters):
-            logger.addFilter(_Drop(text))
-
-
 class RankState:
     """The sharded model on this rank and what a trial does to it."""
 
@@ -96,6 +68,7 @@ class RankState:
         from torchrec.distributed.types import ShardingEnv
 
         from ..checkpoint import load_checkpoint
+        from ..torchrec._notices import quiet_notices
         from ._plan import sharding_plan
 
         quiet_notices()

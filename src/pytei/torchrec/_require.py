@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib
 
 from ..exceptions import MissingExtraError
+from ._notices import quiet_notices
 
 __all__ = ["INSTALL", "require"]
 
@@ -37,3 +38,4 @@ def require(feature: str = "TorchRec support") -> None:
         raise MissingExtraError(
             f"{feature} needs the optional extra pytei[torchrec]; {'; '.join(parts)}; install: {INSTALL}"
         )
+    quiet_notices()
