@@ -85,7 +85,8 @@ class Session:
             dist.gather_object(mine, answers, dst=0)
         except (RuntimeError, OSError) as err:  # gloo: a peer closed its connection or timed out
             raise LaunchBroken(
-                f"a rank of this {self.world}-process launch is gone during {name!r}: {err}"
+                f"a rank of this {self.world}-process launch is gone during {name!r} ({err}); torchrun "
+                "--max-restarts N starts every process again and the campaign resumes"
             ) from err
         return [tuple(a) for a in answers]
 
