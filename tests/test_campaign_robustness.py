@@ -177,8 +177,9 @@ def test_a_database_in_a_read_only_folder_can_be_read(tmp_path: Path) -> None:
 # --- 4. two runners on one database cooperate ----------------------------------------------------
 
 
-#: A sitecustomize that holds each process at start until both have started: the two runners then
-#: import pytei and reach the database together, whatever the machine's load.
+#: A sitecustomize that holds each process at start until both have started, and makes each trial take
+#: 10 ms longer: the two runners reach the database together and the first cannot finish all 300
+#: trials (a few ms each) while the second waits for its turn to write, whatever the machine's load.
 BARRIER = """
 import os, pathlib, time
 
@@ -188,6 +189,15 @@ if where:
     deadline = time.monotonic() + 60
     while len(os.listdir(where)) < 2 and time.monotonic() < deadline:
         time.sleep(0.01)
+    from pytei.campaign import runner
+
+    run = runner.ModelRunner.run
+
+    def slower(self, trial):
+        time.sleep(0.01)
+        return run(self, trial)
+
+    runner.ModelRunner.run = slower
 """
 
 
