@@ -445,6 +445,11 @@ def test_parity_groups_rebuild_a_lost_host_from_its_group_only():
         assert info["storage_overhead"] == (40 + 30) / total  # groups {0, 1} and {2, 3}
     with pytest.raises(ArgumentError, match="group 8 is larger than the world of 4"):
         HostLoss(0, recover="xor", group=8).check_world(4)
+    empty = ShardedGroup.__new__(ShardedGroup)  # a host holding no table (more hosts than tables)
+    empty.world_size = 2
+    empty._blocks = {"values": [torch.arange(5, dtype=torch.float32), torch.empty(0)]}
+    served, info = empty._lost(HostLoss(1, recover="sum"))
+    assert served[1]["values"].numel() == 0 and info["exact"] and info["max_abs_error"] == 0.0
 
 
 def test_hosts_lost_together_come_back_only_where_the_survivors_hold_what_they_need():

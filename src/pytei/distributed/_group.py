@@ -436,7 +436,9 @@ class ShardedGroup:
         }
         if kind == "values":
             errors = [
-                float((served[r]["values"] - data[r]).abs().max()) for r in lost if "values" in served[r]
+                float((served[r]["values"] - data[r]).abs().max())
+                for r in lost
+                if "values" in served[r] and data[r].numel()
             ]
             info["max_abs_error"] = max(errors, default=0.0)
         return served, info
