@@ -143,6 +143,15 @@ def options_of(obj: Callable[..., Any], skip: Sequence[str] = ()) -> dict[str, i
     return params
 
 
+def short(value: Any) -> str:
+    """An option value as a label shows it (``-4`` rather than ``-4.0``, lists as ``[1,2]``)."""
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    if isinstance(value, tuple | list):
+        return "[" + ",".join(short(v) for v in value) + "]"
+    return str(value)
+
+
 def check_options(
     obj: Callable[..., Any], options: Mapping[str, Any], *, what: str, skip: Sequence[str] = ()
 ) -> dict[str, Any]:

@@ -194,9 +194,7 @@ def _site_mitigations(spec: Spec, site: str, model_spec: dict) -> list[Mitigatio
     """The mitigations planned with ``site`` (memory-side ones do nothing to activation or index faults;
     a sharded model is run without mitigations, at the weights site only)."""
     if _sharded(model_spec):
-        return (
-            [m for m in spec.mitigations if m.name == "none" and not m.options] if site == "weights" else []
-        )
+        return [m for m in spec.mitigations if m.plain_none] if site == "weights" else []
     return [m for m in spec.mitigations if not (site != "weights" and m.memory)]
 
 

@@ -64,8 +64,8 @@ from pathlib import Path
 from typing import Any, cast
 
 from .. import errors, metrics, mitigation, plugins
-from .._registry import OptionError, check_options
-from ..distributed.faults import host_faults
+from .._registry import OptionError, check_options, short
+from ..distributed.faults import HostFault, host_faults
 from ..exceptions import ArgumentError
 from ..indices import BOUNDS
 from ..injector import SITES
@@ -196,8 +196,13 @@ class MitigationChoice:
 
     def __post_init__(self) -> None:
         if not self.label:
-            args = ", ".join(f"{k}={_short(v)}" for k, v in self.options)
+            args = ", ".join(f"{k}={short(v)}" for k, v in self.options)
             object.__setattr__(self, "label", f"{self.name}({args})" if args else self.name)
+
+    @property
+    def plain_none(self) -> bool:
+        """It is ``none`` without options: the one mitigation a sharded model runs with."""
+        return self.name == "none" and not self.options
 
     @property
     def memory(self) -> bool:
@@ -328,15 +333,6 @@ def _as_dict(value: Any) -> Any:
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
         return {f.name: getattr(value, f.name) for f in dataclasses.fields(value)}
     raise TypeError(f"{type(value).__name__} is not JSON serializable")
-
-
-def _short(value: Any) -> str:
-    """An option value as a label shows it (``-4`` rather than ``-4.0``)."""
-    if isinstance(value, float) and value.is_integer():
-        return str(int(value))
-    if isinstance(value, tuple | list):
-        return "[" + ",".join(_short(v) for v in value) + "]"
-    return str(value)
 
 
 # --- sections ------------------------------------------------------------------------------------
@@ -508,10 +504,17 @@ def _host_fault(value: Any, path: str, *, base: Path) -> HostFaultChoice:
         if key in options:
             options[key] = str((base / Path(str(options[key])).expanduser()).resolve())
     try:  # values the fault itself refuses (fill = "bogus", a missing option), before any trial runs
-        cls(rank=0, **options, **({"error": errors.BitFlip(0.0)} if cls.takes_error else {}))
+        _example(name, options)
     except (ArgumentError, TypeError) as err:
         raise SpecError(path, f"host fault {name}: {err}") from err
     return HostFaultChoice(name, tuple(sorted(options.items())), ranks.get("ranks", _ranks, None))
+
+
+def _example(name: str, options: dict[str, Any]) -> HostFault:
+    """The host fault ``name`` with ``options`` on rank 0 (an error model of rate 0 where it wraps one):
+    what checks the options before any trial runs."""
+    cls = host_faults.get(name)
+    return cls(rank=0, **options, **({"error": errors.BitFlip(0.0)} if cls.takes_error else {}))
 
 
 def _ranks(value: Any, path: str) -> tuple[int, ...]:
@@ -610,7 +613,7 @@ def _check_sharded(
             "data.split",
             f"models[{sharded[0]}] is sharded: its ranks score the test split; got {data.split!r}",
         )
-    global_trials = "weights" in sites and any(m.name == "none" and not m.options for m in mitigations)
+    global_trials = "weights" in sites and any(m.plain_none for m in mitigations)
     if sharded and not chosen and not global_trials:
         raise SpecError(
             f"models[{sharded[0]}]",
@@ -620,8 +623,7 @@ def _check_sharded(
         )
     worlds = sorted({w for i in sharded for w in models[i].world_sizes})
     for k, h in enumerate(chosen):  # options that depend on the world (a parity group, hosts lost)
-        cls = host_faults.get(h.name)
-        fault = cls(rank=0, **dict(h.options), **({"error": errors.BitFlip(0.0)} if cls.takes_error else {}))
+        fault = _example(h.name, dict(h.options))
         for world in worlds:
             try:
                 fault.check_world(world)

@@ -28,7 +28,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, ClassVar
 
-from .._registry import Registry
+from .._registry import Registry, short
 from ..errors import ErrorModel
 from ..exceptions import ArgumentError
 
@@ -69,7 +69,7 @@ class HostFault:
     @property
     def label(self) -> str:
         """``HostLoss(rank=1, fill=zeros)``: the class, the rank and the options that tell faults apart."""
-        return self.label_of({f.name: getattr(self, f.name) for f in fields(self)})
+        return self.label_of(self._options())
 
     @classmethod
     def label_of(cls, options: Mapping[str, Any]) -> str:
@@ -79,19 +79,23 @@ class HostFault:
             value = options.get(f.name, f.default)
             if f.name == "rank" or f.name in cls.unlabelled or (f.name in cls.quiet and value == f.default):
                 continue
-            shown.append(f"{f.name}={_short(value)}")
+            shown.append(f"{f.name}={short(value)}")
         return f"{cls.__name__}({', '.join(shown)})"
 
     @property
     def recovery(self) -> str:
         """How results name what rebuilt the host (their ``mitigation``): ``none``, ``replica``, ``xor``,
         ``xor/g2`` (parity groups of 2 hosts), ``sum``."""
-        return self.recovery_of({f.name: getattr(self, f.name) for f in fields(self)})
+        return self.recovery_of(self._options())
 
     @classmethod
     def recovery_of(cls, options: Mapping[str, Any]) -> str:
         """The ``recovery`` of the fault ``options`` describe."""
         return "none"
+
+    def _options(self) -> dict[str, Any]:
+        """Every field by name (what ``label_of`` and ``recovery_of`` read)."""
+        return {f.name: getattr(self, f.name) for f in fields(self)}
 
     def __post_init__(self) -> None:
         if isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank < 0:
@@ -204,11 +208,6 @@ class HostSlow(HostFault):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value < 60_000:
                 raise ArgumentError(f"HostSlow.{name} must be milliseconds in [0, 60000), got {value!r}")
-
-
-def _short(value: Any) -> str:
-    """A number as a label shows it (``5`` rather than ``5.0``)."""
-    return str(int(value)) if isinstance(value, float) and value.is_integer() else str(value)
 
 
 #: Host faults by name (campaign specs' ``host_faults``): ``HostFault`` subclasses.
