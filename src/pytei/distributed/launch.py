@@ -14,8 +14,9 @@ what rank 0 asks (the commands of ``RankState``) and leaves when rank 0 is done.
 ``broadcast_object_list`` and answers come back by ``gather_object`` on the launcher's process
 group (gloo), so a sharded model's world size must be the launch's. Checkpoint paths must name the
 same files on every machine (a shared folder). A rank that dies breaks the process group: rank 0
-stops with ``LaunchBroken`` and every process exits non-zero, so ``torchrun --max-restarts N``
-starts them again and the campaign resumes from its database (each trial exactly once).
+stops with ``LaunchBroken`` (or torchrun, seeing the death first, stops it) and every process exits
+non-zero, so ``torchrun --max-restarts N`` starts them again and the campaign resumes from its
+database (each trial exactly once).
 """
 
 from __future__ import annotations
