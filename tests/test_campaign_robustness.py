@@ -152,7 +152,9 @@ def _writable(folder: Path) -> None:
     folder.chmod(0o755)
 
 
-def test_a_database_in_a_read_only_folder_can_be_read(tmp_path: Path) -> None:
+def test_a_database_in_a_read_only_folder_can_be_read(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    from pytei.cli import main
+
     spec = load_spec(write_spec(tmp_path, runs=2))
     folder = tmp_path / "ro"
     folder.mkdir()
@@ -162,14 +164,15 @@ def test_a_database_in_a_read_only_folder_can_be_read(tmp_path: Path) -> None:
     _read_only(folder)
     try:
         assert len(load(db)) == 4
-        status = cli("campaign", "status", str(db))
-        assert status.returncode == 0 and "4" in status.stdout, status.stderr
-        export = cli("campaign", "export", str(db), "--out", str(tmp_path / "out.csv"))
-        assert export.returncode == 0, export.stderr
+        capsys.readouterr()
+        assert main(["campaign", "status", str(db)]) == 0
+        assert "4" in capsys.readouterr().out
+        assert main(["campaign", "export", str(db), "--out", str(tmp_path / "out.csv")]) == 0
         assert len((tmp_path / "out.csv").read_text().splitlines()) == 5
-        resumed = cli("campaign", "resume", str(db))  # writing is refused in one line, naming the file
-        assert resumed.returncode == 2 and "Traceback" not in resumed.stderr
-        assert str(db) in resumed.stderr
+        assert main(["campaign", "resume", str(db)]) == 2  # writing is refused in one line, naming the file
+        err = capsys.readouterr().err
+        assert err.splitlines()[-1].startswith(f"error: cannot write to {db} (") and "Traceback" not in err
+        assert "its file or folder is read-only" in err
     finally:
         _writable(folder)
 

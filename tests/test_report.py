@@ -322,6 +322,37 @@ def test_only_dummy_rows(tmp_path: Path) -> None:
     assert "No per-parameter trials" in md
 
 
+def test_a_report_rewritten_on_the_same_results_draws_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each PNG stores a digest of what it was drawn from: an unchanged figure is not drawn again (a
+    resumed campaign's report); changed results or a damaged file draw it again."""
+    from matplotlib.figure import Figure
+
+    drawn: list[str] = []
+    savefig = Figure.savefig
+    monkeypatch.setattr(
+        Figure, "savefig", lambda fig, path, **kw: (drawn.append(Path(path).name), savefig(fig, path, **kw))
+    )
+    rows = dummy_rows()
+    write_report(frame(rows), tmp_path)
+    assert sorted(drawn) == sorted([HEATMAP_PNG, "fig4-per-bit.png"])
+    before = {p.name: p.read_bytes() for p in tmp_path.glob("*.png")}
+    drawn.clear()
+    write_report(frame(rows), tmp_path)
+    assert drawn == [] and {p.name: p.read_bytes() for p in tmp_path.glob("*.png")} == before
+    (tmp_path / "fig4-per-bit.png").write_bytes(b"not a png")
+    write_report(frame(rows), tmp_path)
+    assert (
+        drawn == ["fig4-per-bit.png"]
+        and (tmp_path / "fig4-per-bit.png").read_bytes() == before["fig4-per-bit.png"]
+    )
+    drawn.clear()
+    changed = [{**r, "rmse": r["rmse"] * 2} if r["target"] == "all" else r for r in rows]
+    write_report(frame(changed), tmp_path)
+    assert HEATMAP_PNG in drawn and (tmp_path / HEATMAP_PNG).read_bytes() != before[HEATMAP_PNG]
+
+
 def test_only_labelled_rows(tmp_path: Path) -> None:
     rows = [r for r in labelled_rows() if r["target"] != "mlp" and r["mitigation"] == "none"]
     md = write_report(frame(rows), tmp_path).read_text()
@@ -558,10 +589,7 @@ def test_per_layer_tick_labels_do_not_overlap() -> None:
     for rate in (1e-4, 1e-3):
         for k, name in enumerate(names):
             drop = float(np.interp(k, [0, len(names) - 1], [-0.00062, 0.00137]))
-            rows += [
-                _labelled(DCN, "wd", name, rate, run, 0.8 - drop, kind="parameter")
-                for run in range(3)
-            ]
+            rows += [_labelled(DCN, "wd", name, rate, run, 0.8 - drop, kind="parameter") for run in range(3)]
     df = frame(rows).assign(drop=lambda d: d["baseline_auc"] - d["auc"])
     points = point_stats(df, ["rate", "target"], "drop", (-0.2, 0.8)).assign(metric="AUC drop")
     fig = per_layer_figure(points.assign(score=points["mean"]), df, "t")

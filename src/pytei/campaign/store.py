@@ -295,6 +295,10 @@ class Store:
                 else None
             )
         except sqlite3.DatabaseError as err:
+            if isinstance(err, sqlite3.OperationalError) and not self.readonly:
+                cannot = self._cannot_write(err)  # a WAL file in a read-only folder
+                if isinstance(cannot, StoreError):
+                    raise cannot from err
             raise StoreError(f"{self.path} is not a pytei results database ({err})") from err
         version = self._check_meta(meta) if meta is not None else None
         if meta is None and (tables or not create):

@@ -9,6 +9,7 @@ import json
 from typing import Any
 
 import pandas as pd
+from matplotlib.figure import Figure
 
 from . import figures
 from .document import Doc
@@ -174,11 +175,11 @@ def _distributed(doc: Doc, ctx: Context) -> None:
         )
         doc.table(table(recovery, _RECOVERY), "Recovery of a lost host")
     path = doc.figure_path("fig-distributed-auc-loss")
-    _plot(faults, path)
+    figures.save(path, "AUC loss of one faulty host, per placement strategy", _figure, faults)
     doc.image(path, "AUC loss per host fault, one bar per strategy.")
 
 
-def _plot(faults: pd.DataFrame, path: Any) -> None:
+def _figure(faults: pd.DataFrame) -> Figure:
     """Grouped bars: mean AUC loss per fault (x), one bar per strategy."""
     shown = faults[faults["fault"] != "none"]
     labels = list(dict.fromkeys(shown["fault"]))
@@ -195,4 +196,4 @@ def _plot(faults: pd.DataFrame, path: Any) -> None:
     ax.set_ylabel("AUC loss (fault-free - faulty)")
     ax.axhline(0.0, color="black", linewidth=0.6)
     ax.legend(fontsize=8)
-    figures.save(fig, path, "AUC loss of one faulty host, per placement strategy")
+    return fig

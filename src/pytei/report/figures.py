@@ -9,13 +9,17 @@ mitigations, dashed and black, so a mitigation that changes nothing cannot hide 
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import math
+import sys
 import textwrap
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import matplotlib
 import numpy as np
 import pandas as pd
 from matplotlib import colormaps
@@ -26,7 +30,9 @@ from matplotlib.colors import LogNorm, to_rgba
 from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 from matplotlib.ticker import MaxNLocator
+from PIL import Image, UnidentifiedImageError
 
+from .. import __version__
 from .document import MAX_FIGURE_PX
 from .format import TARGET_ORDER, cell_text, fmt_invalid, fmt_rate, ordered, target_name
 
@@ -103,11 +109,58 @@ def new_figure(width: float, height: float) -> Figure:
     return Figure(figsize=(min(width, MAX_WIDTH_IN), height), dpi=DPI, layout="constrained")
 
 
-def save(fig: Figure, path: Path, title: str) -> Path:
-    """Add the title, wrapped to the figure's width, and write the PNG."""
+#: The PNG text chunk holding the digest of what a figure was drawn from.
+INPUTS_KEY = "pytei-inputs"
+
+
+def save(path: Path, title: str, build: Callable[..., Figure], *inputs: Any) -> Path:
+    """Write ``build(*inputs)`` to ``path`` as a PNG, titled ``title`` (wrapped to the figure's width).
+
+    The PNG carries a digest of ``build``, its inputs and the drawing code; a PNG already there with
+    the same digest is kept as it is, so rewriting a report on unchanged results (a resumed campaign,
+    ``pytei reproduce`` run again) draws nothing: drawing is most of a report's time.
+    """
+    key = _digest(build, title, inputs)
+    if _drawn_from(path) == key:
+        return path
+    fig = build(*inputs)
     fig.suptitle(wrap(title, fig.get_figwidth(), 12), fontsize=12)
-    fig.savefig(path, dpi=DPI)
+    fig.savefig(path, dpi=DPI, metadata={INPUTS_KEY: key})
     return path
+
+
+def _digest(build: Callable[..., Figure], title: str, inputs: tuple[Any, ...]) -> str:
+    """sha256 of the figure's inputs, ``build``'s name and the versions and source that draw it."""
+    h = hashlib.sha256()
+    for part in (__version__, matplotlib.__version__, _source(__name__), _source(build.__module__)):
+        h.update(part.encode())
+    h.update(f"{build.__qualname__}\0{title}".encode())
+    for value in inputs:
+        if isinstance(value, pd.DataFrame):
+            h.update(repr((list(value.columns), [str(t) for t in value.dtypes])).encode())
+            objects = {c: str for c, t in value.dtypes.items() if t == np.dtype(object)}  # dicts among them
+            cells = value.astype(objects)
+            h.update(pd.util.hash_pandas_object(cells, index=True).to_numpy().tobytes())
+        else:  # str, bool, numbers, dicts of Style: their repr says all (an object's address: a miss)
+            h.update(repr(value).encode())
+        h.update(b"\0")
+    return h.hexdigest()
+
+
+@functools.cache
+def _source(module: str) -> str:
+    """sha256 of a module's source file: a change in the drawing code draws the figure again."""
+    return hashlib.sha256(Path(sys.modules[module].__file__ or "").read_bytes()).hexdigest()
+
+
+def _drawn_from(path: Path) -> str | None:
+    """The inputs digest stored in the PNG at ``path`` (None: no file, not a PNG, or none stored)."""
+    try:
+        with Image.open(path) as image:  # reads the chunks before the pixels, decodes nothing
+            key = image.info.get(INPUTS_KEY)
+    except (OSError, UnidentifiedImageError):
+        return None
+    return key if isinstance(key, str) else None
 
 
 def wrap(text: str, width_in: float, fontsize: float) -> str:
@@ -253,7 +306,7 @@ def _cell_color(cell: Any, cmap: Any, norm: LogNorm) -> tuple[float, ...]:
 
 def plot_rmse_heatmaps(cells: pd.DataFrame, path: Path, title: str) -> Path:
     """Write :func:`heatmap_figure` to ``path``."""
-    return save(heatmap_figure(cells, title), path, title)
+    return save(path, title, heatmap_figure, cells, title)
 
 
 # --------------------------------------------------------------------------- quality vs BER (Figs 7-9)
@@ -345,7 +398,7 @@ def plot_quality_vs_ber(
     points: pd.DataFrame, runs: pd.DataFrame, path: Path, title: str, palette: dict[str, Style]
 ) -> Path:
     """Write :func:`quality_figure` (AUC) to ``path``."""
-    return save(quality_figure(points, runs, "auc", title, palette), path, title)
+    return save(path, title, quality_figure, points, runs, "auc", title, palette)
 
 
 # --------------------------------------------------------------------------- mitigations (Fig 10)
@@ -399,7 +452,7 @@ def mitigation_figure(points: pd.DataFrame, title: str, rmse: bool = False) -> F
 
 def plot_mitigations(points: pd.DataFrame, path: Path, title: str, rmse: bool = False) -> Path:
     """Write :func:`mitigation_figure` to ``path``."""
-    return save(mitigation_figure(points, title, rmse), path, title)
+    return save(path, title, mitigation_figure, points, title, rmse)
 
 
 # --------------------------------------------------------------------------- invalid outputs
@@ -533,7 +586,7 @@ def _drop_limits(*arrays: Iterable[float]) -> tuple[float, float]:
 
 def plot_per_bit(points: pd.DataFrame, runs: pd.DataFrame, path: Path, title: str) -> Path:
     """Write :func:`per_bit_figure` to ``path``."""
-    return save(per_bit_figure(points, runs, title), path, title)
+    return save(path, title, per_bit_figure, points, runs, title)
 
 
 # --------------------------------------------------------------------------- per layer
@@ -586,7 +639,7 @@ def per_layer_figure(points: pd.DataFrame, runs: pd.DataFrame, title: str) -> Fi
 
 def plot_per_layer(points: pd.DataFrame, runs: pd.DataFrame, path: Path, title: str) -> Path:
     """Write :func:`per_layer_figure` to ``path``."""
-    return save(per_layer_figure(points, runs, title), path, title)
+    return save(path, title, per_layer_figure, points, runs, title)
 
 
 def labels_overlap(fig: Figure) -> list[tuple[str, str]]:

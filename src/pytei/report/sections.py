@@ -453,7 +453,7 @@ def _invalid(doc: Doc, ctx: Context) -> None:
         palette = ctx.palette if labelled else figures.styles(plain["series"])
         path = doc.figure_path("fig6-invalid-" + slug("labelled" if labelled else "dummy"))
         title = f"Share of invalid outputs vs BER ({kind}, no mitigation)"
-        figures.save(figures.invalid_figure(plain, title, palette), path, title)
+        figures.save(path, title, figures.invalid_figure, plain, title, palette)
         doc.image(path, f"Share of invalid outputs vs BER, {kind}.")
     merged = shares.merge(losses, on=keys, suffixes=("", "_loss"))
     cols = {
