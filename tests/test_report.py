@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import re
+import subprocess
 import sys
 import types
 from pathlib import Path
@@ -341,6 +342,19 @@ def test_a_report_rewritten_on_the_same_results_draws_nothing(
     drawn.clear()
     write_report(frame(rows), tmp_path)
     assert drawn == [] and {p.name: p.read_bytes() for p in tmp_path.glob("*.png")} == before
+    frame(rows).to_pickle(tmp_path / "rows.pkl")  # and in another process (a resumed run): the digest
+    again = (  # holds no object address
+        "import sys, pandas as pd; from matplotlib.figure import Figure;"
+        "from pytei.report import write_report;"
+        "Figure.savefig = lambda *a, **k: sys.exit('drew ' + str(a[1]));"
+        "write_report(pd.read_pickle(sys.argv[1]), sys.argv[2])"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", again, str(tmp_path / "rows.pkl"), str(tmp_path)],
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 0, done.stderr
     (tmp_path / "fig4-per-bit.png").write_bytes(b"not a png")
     write_report(frame(rows), tmp_path)
     assert (

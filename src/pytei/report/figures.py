@@ -30,7 +30,7 @@ from matplotlib.colors import LogNorm, to_rgba
 from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 from matplotlib.ticker import MaxNLocator
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 from .. import __version__
 from .document import MAX_FIGURE_PX
@@ -130,10 +130,15 @@ def save(path: Path, title: str, build: Callable[..., Figure], *inputs: Any) -> 
 
 
 def _digest(build: Callable[..., Figure], title: str, inputs: tuple[Any, ...]) -> str:
-    """sha256 of the figure's inputs, ``build``'s name and the versions and source that draw it."""
+    """sha256 of the figure's inputs, ``build``'s name, and the versions, source and matplotlib settings
+    that draw it."""
     h = hashlib.sha256()
-    for part in (__version__, matplotlib.__version__, _source(__name__), _source(build.__module__)):
+    for part in (__version__, matplotlib.__version__, _source(build.__module__)):
         h.update(part.encode())
+    # A user's style draws differently. dict.items: reading "backend" through rcParams would resolve
+    # it (pyplot's import); figures are drawn by Agg whatever it is.
+    style = sorted((k, v) for k, v in dict.items(matplotlib.rcParams) if k != "backend")
+    h.update(repr(style).encode())
     h.update(f"{build.__qualname__}\0{title}".encode())
     for value in inputs:
         if isinstance(value, pd.DataFrame):
@@ -149,8 +154,13 @@ def _digest(build: Callable[..., Figure], title: str, inputs: tuple[Any, ...]) -
 
 @functools.cache
 def _source(module: str) -> str:
-    """sha256 of a module's source file: a change in the drawing code draws the figure again."""
-    return hashlib.sha256(Path(sys.modules[module].__file__ or "").read_bytes()).hexdigest()
+    """sha256 of the report package's source files (the builders and the formatting helpers beside
+    them) and of ``module``, the builder's: a change in the drawing code draws the figure again."""
+    files = {*Path(__file__).parent.glob("*.py"), Path(sys.modules[module].__file__ or __file__)}
+    h = hashlib.sha256()
+    for file in sorted(files):
+        h.update(file.read_bytes())
+    return h.hexdigest()
 
 
 def _drawn_from(path: Path) -> str | None:
@@ -158,7 +168,7 @@ def _drawn_from(path: Path) -> str | None:
     try:
         with Image.open(path) as image:  # reads the chunks before the pixels, decodes nothing
             key = image.info.get(INPUTS_KEY)
-    except (OSError, UnidentifiedImageError):
+    except OSError:  # no file, or not a PNG (UnidentifiedImageError)
         return None
     return key if isinstance(key, str) else None
 
